@@ -1,0 +1,111 @@
+"""One error hierarchy, rendered in the OpenAI shape by one handler."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class TunehouseError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(TunehouseError):
+    status_code = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationError(TunehouseError):
+    status_code = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(TunehouseError):
+    status_code = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class NotFound(TunehouseError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class Conflict(TunehouseError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(TunehouseError):
+    status_code = 413
+    type = "invalid_request_error"
+    code = "file_too_large"
+
+
+class UnsupportedMediaType(TunehouseError):
+    status_code = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
+class ServiceUnavailable(TunehouseError):
+    status_code = 503
+    type = "server_error"
+    code = "service_unavailable"
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TunehouseError)
+    async def _tunehouse(_: Request, exc: TunehouseError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = _loc_to_param(tuple(first.get("loc", ())))
+        msg = str(first.get("msg", "invalid request"))
+        message = f"Invalid value for '{param}': {msg}" if param else msg
+        err = InvalidRequest(message, param=param, code="invalid_value")
+        return JSONResponse(err.body(), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = TunehouseError(str(exc.detail))
+        err.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        err.code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(err.body(), status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unhandled(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(TunehouseError("The server had an error processing your request.").body(), 500)

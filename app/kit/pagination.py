@@ -1,0 +1,41 @@
+"""Cursor pagination in the OpenAI list shape: {object: list, data, has_more, first_id, last_id}."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import Select
+from sqlalchemy.orm import Session
+
+from app.kit.errors import InvalidRequest
+
+T = TypeVar("T")
+
+
+class ListPage[T](BaseModel):
+    object: str = "list"
+    data: list[T]
+    has_more: bool
+    first_id: str | None = None
+    last_id: str | None = None
+
+
+def check_limit(limit: int, maximum: int = 100) -> int:
+    if not 1 <= limit <= maximum:
+        raise InvalidRequest(f"limit must be between 1 and {maximum}, got {limit}", param="limit")
+    return limit
+
+
+def paginate_desc(
+    session: Session, stmt: Select[Any], model: Any, after: str | None, limit: int, order_col: Any
+) -> tuple[list[Any], bool]:
+    """Newest first; `after` is the id of the last item of the previous page."""
+    check_limit(limit)
+    if after:
+        anchor = session.execute(stmt.with_only_columns(order_col, model.id).where(model.id == after)).first()
+        if anchor is None:
+            raise InvalidRequest(f"No such object for 'after': {after}", param="after")
+        stmt = stmt.where((order_col < anchor[0]) | ((order_col == anchor[0]) & (model.id < anchor[1])))
+    rows = list(session.scalars(stmt.order_by(order_col.desc(), model.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

@@ -1,0 +1,29 @@
+"""App factory."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from app.files.router import router as files_router
+from app.health.router import router as health_router
+from app.jobs.router import router as jobs_router
+from app.kit.errors import install_error_handlers
+from app.kit.logging import configure_logging
+from app.models_registry.router import router as models_router
+from app.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    configure_logging(settings)
+    app = FastAPI(
+        title="tunehouse",
+        version="0.1.0",
+        description="Self-hosted fine-tuning service with an OpenAI-compatible API.",
+    )
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(files_router, prefix="/v1")
+    app.include_router(jobs_router, prefix="/v1")
+    app.include_router(models_router, prefix="/v1")
+    return app

@@ -1,0 +1,86 @@
+"""The one place configuration is read from the environment (prefix ``TUNEHOUSE_``)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNEHOUSE_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "test", "production"] = "development"
+    # Embedded default: SQLite + local artifact dir + a worker the server starts itself.
+    data_dir: Path = Path("data")
+    database_url: str = ""  # empty -> sqlite:///<data_dir>/tunehouse.db
+    # Empty -> embedded mode: a filesystem broker under data_dir, no Redis needed.
+    broker_url: str = ""
+    artifact_url: str = ""  # empty -> <data_dir>/artifacts; s3://bucket/prefix for object storage
+
+    # API keys: created by `tunehouse keys create`; this one is ensured at start-up when set.
+    bootstrap_api_key: str = ""
+    bootstrap_project: str = "default"
+
+    # Uploads
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_line_bytes: int = 4 * 1024 * 1024
+    max_errors_reported: int = 20
+
+    # Durability (seconds)
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    reaper_interval_seconds: float = 15.0
+    max_attempts: int = 3
+    # Redis redelivers an unacked task after this long; it must outlive a lease.
+    visibility_timeout_seconds: int = 6 * 3600
+
+    # Training
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    catalog_path: Path | None = None  # JSON base-model catalog; None -> the bundled one
+    checkpoint_every_steps: int = 0  # 0 -> once per epoch
+    keep_checkpoints: int = 0  # 0 -> keep all
+
+    # Inference
+    inference_max_batch_size: int = 32
+    inference_max_wait_ms: float = 5.0
+    inference_max_adapters: int = 32
+    inference_max_bases: int = 2
+    inference_max_full_models: int = 2
+    inference_max_input_tokens: int = 512
+    inference_max_new_tokens: int = 512
+    inference_timeout_seconds: float = 60.0
+
+    # Webhooks
+    webhook_secret: str = Field(default="", description="HMAC-SHA256 key for webhook signatures")
+    webhook_max_attempts: int = 5
+
+    log_json: bool = True
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'tunehouse.db').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return not self.broker_url
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_artifact_url(self) -> str:
+        return self.artifact_url or str((self.data_dir / "artifacts").resolve())
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
