@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from app.files.router import router as files_router
@@ -13,6 +16,18 @@ from app.models_registry.router import router as models_router
 from app.settings import Settings, get_settings
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    from worker.reaper import ReaperThread
+
+    reaper = ReaperThread() if get_settings().run_reaper else None
+    if reaper:
+        reaper.start()
+    yield
+    if reaper:
+        reaper.stop_event.set()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     configure_logging(settings)
@@ -20,6 +35,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="tunehouse",
         version="0.1.0",
         description="Self-hosted fine-tuning service with an OpenAI-compatible API.",
+        lifespan=lifespan,
     )
     install_error_handlers(app)
     app.include_router(health_router)

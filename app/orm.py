@@ -91,6 +91,7 @@ class Job(Base):
     trained_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     user_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONType, nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     webhook_url: Mapped[str | None] = mapped_column(String(2048), nullable=True)
     progress: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)  # step, total_steps, epoch...
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
@@ -99,6 +100,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     estimated_finish: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
     # Durability: claimed by a conditional update, held by a lease renewed by heartbeat.
     attempt: Mapped[int] = mapped_column(Integer, default=0)

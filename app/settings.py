@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     heartbeat_seconds: float = 10.0
     reaper_interval_seconds: float = 15.0
     max_attempts: int = 3
+    run_reaper: bool = True  # the API process runs the reaper loop (safe with many replicas)
     # Redis redelivers an unacked task after this long; it must outlive a lease.
     visibility_timeout_seconds: int = 6 * 3600
 

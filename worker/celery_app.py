@@ -60,3 +60,10 @@ def broker_ok() -> bool:
         return True
     except Exception:
         return False
+
+
+def __getattr__(name: str) -> Celery:
+    # `celery -A worker.celery_app:app worker` builds the app on first access.
+    if name == "app":
+        return get_celery()
+    raise AttributeError(name)

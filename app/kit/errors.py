@@ -76,8 +76,17 @@ class ServiceUnavailable(TunehouseError):
     code = "service_unavailable"
 
 
+_PRIMITIVES = {"int", "float", "str", "bool", "list", "dict", "none", "literal"}
+
+
+def _is_union_tag(part: str) -> bool:
+    """pydantic names the union member in `loc` (int, literal['auto'], TrainingTypeIn...)."""
+    return part in _PRIMITIVES or "[" in part or "(" in part or part[:1].isupper()
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if not _is_union_tag(p)]
     out = ""
     for p in parts:
         out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
@@ -91,9 +100,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = _loc_to_param(tuple(first.get("loc", ())))
-        msg = str(first.get("msg", "invalid request"))
+        errors = list(exc.errors()) or [{"loc": (), "msg": "invalid request"}]
+        param = _loc_to_param(tuple(errors[0].get("loc", ())))
+        # A union field fails once per member: report them together.
+        msgs = [str(e.get("msg")) for e in errors if _loc_to_param(tuple(e.get("loc", ()))) == param]
+        msg = " or ".join(dict.fromkeys(msgs))
         message = f"Invalid value for '{param}': {msg}" if param else msg
         err = InvalidRequest(message, param=param, code="invalid_value")
         return JSONResponse(err.body(), status_code=400)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import Select
@@ -13,7 +13,7 @@ from app.kit.errors import InvalidRequest
 T = TypeVar("T")
 
 
-class ListPage[T](BaseModel):
+class ListPage(BaseModel, Generic[T]):
     object: str = "list"
     data: list[T]
     has_more: bool
@@ -39,3 +39,9 @@ def paginate_desc(
         stmt = stmt.where((order_col < anchor[0]) | ((order_col == anchor[0]) & (model.id < anchor[1])))
     rows = list(session.scalars(stmt.order_by(order_col.desc(), model.id.desc()).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
+
+
+def page(items: list[T], has_more: bool) -> ListPage[T]:
+    ids = [getattr(i, "id", None) for i in items]
+    return ListPage[T](data=items, has_more=has_more, first_id=ids[0] if ids else None,
+                       last_id=ids[-1] if ids else None)

@@ -28,6 +28,7 @@ class BaseModelSpec(BaseModel):
     training_types: list[str]
     max_seq_length: int = 512
     lora_target_modules: list[str] = []
+    learning_rate_scale: float = 1.0  # tiny randomly initialised models want larger steps
 
 
 @lru_cache

@@ -2,14 +2,14 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 14:09:05.172407
+Create Date: 2026-11-23 14:11:37.705965
 """
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
-import app.kit.db
+import app.kit.db  # noqa: F401
 
 revision: str = '0001'
 down_revision: str | None = None
@@ -78,6 +78,7 @@ def upgrade() -> None:
     sa.Column('trained_tokens', sa.BigInteger(), nullable=True),
     sa.Column('metadata', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True),
     sa.Column('idempotency_key', sa.String(length=256), nullable=True),
+    sa.Column('request_hash', sa.String(length=64), nullable=True),
     sa.Column('webhook_url', sa.String(length=2048), nullable=True),
     sa.Column('progress', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=False),
     sa.Column('evaluation', sa.JSON().with_variant(postgresql.JSONB(astext_type=sa.Text()), 'postgresql'), nullable=True),
@@ -85,6 +86,7 @@ def upgrade() -> None:
     sa.Column('started_at', app.kit.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('finished_at', app.kit.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('estimated_finish', app.kit.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('enqueued_at', app.kit.db.UTCDateTime(timezone=True), nullable=True),
     sa.Column('attempt', sa.Integer(), nullable=False),
     sa.Column('max_attempts', sa.Integer(), nullable=False),
     sa.Column('lease_owner', sa.String(length=256), nullable=True),

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.jobs import service
+from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
+from app.kit.db import get_sessionmaker
+from app.kit.deps import DB, CurrentProject
+from app.kit.errors import InvalidRequest
+from app.kit.pagination import ListPage, page
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+
+
+@router.post("", response_model=JobOut)
+def create_job(body: JobCreate, db: DB, project: CurrentProject,
+               idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobOut:
+    return service.to_out(db, service.create_job(db, project, body, idempotency_key))
+
+
+def _metadata_filter(request: Request) -> dict[str, str]:
+    """`metadata[key]=value` query parameters, as the OpenAI API takes them."""
+    out = {}
+    for key, value in request.query_params.multi_items():
+        if key.startswith("metadata[") and key.endswith("]"):
+            out[key[9:-1]] = value
+    return out
+
+
+@router.get("", response_model=ListPage[JobOut])
+def list_jobs(request: Request, db: DB, project: CurrentProject, after: str | None = None,
+              limit: int = 20) -> ListPage[JobOut]:
+    rows, has_more = service.list_jobs(db, project, after, limit, _metadata_filter(request))
+    return page([service.to_out(db, j) for j in rows], has_more)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def retrieve_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
+    return service.to_out(db, service.get_job(db, project, job_id))
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+def cancel_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
+    return service.to_out(db, service.cancel_job(db, project, job_id))
+
+
+@router.post("/{job_id}/pause", response_model=JobOut)
+def pause_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
+    return service.to_out(db, service.pause_job(db, project, job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobOut)
+def resume_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
+    return service.to_out(db, service.resume_job(db, project, job_id))
+
+
+@router.get("/{job_id}/events", response_model=ListPage[EventOut])
+def list_events(request: Request, job_id: str, db: DB, project: CurrentProject, after: str | None = None,
+                limit: int = 20, stream: bool = False,
+                last_event_id: Annotated[str | None, Header()] = None) -> Any:
+    if stream or "text/event-stream" in request.headers.get("accept", ""):
+        service.get_job(db, project, job_id)
+        factory = getattr(request.app.state, "sessionmaker", None) or get_sessionmaker()
+        start = _parse_seq(last_event_id)
+        return StreamingResponse(_sse(request, factory, job_id, start), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    rows, has_more = service.list_events(db, project, job_id, after, limit)
+    return page([service.event_out(e) for e in rows], has_more)
+
+
+def _parse_seq(value: str | None) -> int:
+    if not value:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest("Last-Event-ID must be an event sequence number.", param="Last-Event-ID") from None
+
+
+async def _sse(request: Request, factory: sessionmaker[Session], job_id: str,
+               seq: int) -> AsyncIterator[bytes]:
+    """Events oldest first, live, until the job is finished; `id:` is the resume cursor."""
+    from app.orm import Job
+
+    idle = 0.0
+    while not await request.is_disconnected():
+        with factory() as session:
+            events = service.events_since(session, job_id, seq)
+            status = session.get(Job, job_id).status  # type: ignore[union-attr]
+        for e in events:
+            seq = e.seq
+            yield f"id: {e.seq}\nevent: {e.type}\ndata: {service.event_out(e).model_dump_json()}\n\n".encode()
+        if not events and status in service.TERMINAL:
+            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n".encode()
+            return
+        idle = 0.0 if events else idle + 0.5
+        if idle >= 15:
+            yield b": keep-alive\n\n"
+            idle = 0.0
+        await asyncio.sleep(0.5)
+
+
+@router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointOut])
+def list_checkpoints(job_id: str, db: DB, project: CurrentProject, after: str | None = None,
+                     limit: int = Query(10)) -> ListPage[CheckpointOut]:
+    rows, has_more = service.list_checkpoints(db, project, job_id, after, limit)
+    return page([service.checkpoint_out(c) for c in rows], has_more)

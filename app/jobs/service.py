@@ -1,0 +1,325 @@
+"""Fine-tuning jobs: validation of the spec, creation, state transitions, events, checkpoints.
+Services flush; the request dependency (or the worker's task wrapper) commits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.files.formats import TASK_FORMATS, Format
+from app.files.service import get_file
+from app.jobs import hyperparams
+from app.jobs.queue import enqueue_job
+from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
+from app.kit import ids
+from app.kit.db import utcnow
+from app.kit.errors import Conflict, InvalidRequest, NotFound
+from app.kit.pagination import paginate_desc
+from app.models_registry.catalog import check_supports, get_spec
+from app.orm import Checkpoint, File, Job, JobEvent, Project
+from app.settings import get_settings
+from worker.training.interface import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("validating_files", "queued", "running", "paused")
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+# --- events ---------------------------------------------------------------------------------
+
+def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
+              data: dict[str, Any] | None = None) -> JobEvent:
+    event = JobEvent(id=ids.event_id(), job_id=job_id, level=level, type=type, message=message, data=data)
+    session.add(event)
+    session.flush()
+    return event
+
+
+# --- lookups --------------------------------------------------------------------------------
+
+def get_job(session: Session, project: Project, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.project_id == project.id))
+    if job is None:
+        raise NotFound(f"No fine-tuning job found with id '{job_id}'.", param="fine_tuning_job_id",
+                       code="fine_tuning_job_not_found")
+    return job
+
+
+def queue_position(session: Session, job: Job) -> int | None:
+    """1-based position among queued jobs of every project (they share the GPUs)."""
+    if job.status != "queued":
+        return None
+    ahead = session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == "queued", Job.created_at < job.created_at))
+    return int(ahead or 0) + 1
+
+
+# --- create ---------------------------------------------------------------------------------
+
+def _request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _hyperparameter_input(body: JobCreate) -> dict[str, Any]:
+    if body.method is not None and body.hyperparameters is not None:
+        raise InvalidRequest("Pass hyperparameters either at the top level or in 'method', not both.",
+                             param="hyperparameters")
+    hp = body.hyperparameters
+    if body.method is not None and body.method.supervised is not None:
+        hp = body.method.supervised.hyperparameters
+    out = hp.model_dump() if hp else {"n_epochs": "auto", "batch_size": "auto",
+                                      "learning_rate_multiplier": "auto"}
+    if body.learning_rate is not None and out["learning_rate_multiplier"] != "auto":
+        raise InvalidRequest("Pass either 'learning_rate' or 'learning_rate_multiplier', not both.",
+                             param="learning_rate")
+    return out
+
+
+def _check_training_file(file: File, task: Task, param: str) -> Format:
+    if file.purpose != "fine-tune":
+        raise InvalidRequest(f"File '{file.id}' has purpose '{file.purpose}'; fine-tuning needs 'fine-tune'.",
+                             param=param, code="invalid_file_purpose")
+    fmt = Format(file.format) if file.format else None
+    if fmt is None or fmt not in TASK_FORMATS[task]:
+        allowed = ", ".join(sorted(f.value for f in TASK_FORMATS[task]))
+        raise InvalidRequest(f"File '{file.id}' is in {fmt.value if fmt else 'an unknown'} format; task "
+                             f"'{task.value}' needs one of: {allowed}.", param=param, code="invalid_file_format")
+    return fmt
+
+
+def _check_files(train: File, valid: File | None, task: Task) -> None:
+    train_fmt = _check_training_file(train, task, "training_file")
+    labels = set((train.stats or {}).get("labels", {}))
+    if task is Task.classification and len(labels) < 2:
+        raise InvalidRequest(f"Classification needs at least 2 distinct labels; '{train.id}' has "
+                             f"{len(labels)}.", param="training_file", code="invalid_file_format")
+    if valid is None:
+        return
+    valid_fmt = _check_training_file(valid, task, "validation_file")
+    if task is not Task.masked_lm and valid_fmt != train_fmt:
+        raise InvalidRequest(f"Validation file is {valid_fmt.value} but training file is {train_fmt.value}.",
+                             param="validation_file", code="invalid_file_format")
+    unknown = set((valid.stats or {}).get("labels", {})) - labels
+    if task is Task.classification and unknown:
+        raise InvalidRequest(f"Validation labels not present in the training file: {sorted(unknown)[:10]}.",
+                             param="validation_file", code="invalid_file_format")
+
+
+def _ft_name(base: str, project: Project, suffix: str | None, job_id: str) -> str:
+    org = re.sub(r"[^A-Za-z0-9_-]", "-", project.name)
+    return f"ft:{base}:{org}:{suffix or ''}:{job_id}"
+
+
+def _init_checkpoint(session: Session, project: Project, ref: str | None) -> str | None:
+    if ref is None:
+        return None
+    ckpt = session.scalar(select(Checkpoint).where(
+        Checkpoint.project_id == project.id,
+        (Checkpoint.id == ref) | (Checkpoint.fine_tuned_model_checkpoint == ref)))
+    if ckpt is None:
+        raise NotFound(f"No checkpoint '{ref}' in this project.", param="from_checkpoint",
+                       code="checkpoint_not_found")
+    return ckpt.storage_key
+
+
+def _build_config(session: Session, project: Project, body: JobCreate, train: File,
+                  valid: File | None) -> tuple[RecipeConfig, dict[str, Any], int]:
+    spec = get_spec(body.model)
+    tt = body.training_type_config()
+    check_supports(spec, body.task.value, tt.type.value)
+    if body.early_stopping is not None and valid is None:
+        raise InvalidRequest("Early stopping needs a validation_file.", param="early_stopping")
+    max_len = body.max_seq_length or spec.max_seq_length
+    if max_len > spec.max_seq_length:
+        raise InvalidRequest(f"max_seq_length {max_len} exceeds the model's limit of {spec.max_seq_length}.",
+                             param="max_seq_length")
+    hp_in = _hyperparameter_input(body)
+    resolved = hyperparams.resolve(spec, tt.type, train.rows, hp_in["n_epochs"], hp_in["batch_size"],
+                                   hp_in["learning_rate_multiplier"], body.learning_rate)
+    seed = body.seed if body.seed is not None else int.from_bytes(hashlib.sha256(
+        train.id.encode()).digest()[:3], "big")
+    settings = get_settings()
+    cfg = RecipeConfig(
+        base_model=spec.id, task=body.task,
+        training_type=TrainingTypeConfig(**tt.model_dump()),
+        seed=seed, n_epochs=int(resolved["n_epochs"]), batch_size=int(resolved["batch_size"]),
+        learning_rate=float(resolved["learning_rate"]), max_seq_length=max_len,
+        warmup_ratio=body.warmup_ratio, weight_decay=body.weight_decay,
+        gradient_accumulation_steps=body.gradient_accumulation_steps, lr_scheduler=body.lr_scheduler,
+        training_file_key=train.storage_key, training_file_kind=(train.stats or {}).get("kind", "jsonl"),
+        validation_file_key=valid.storage_key if valid else None,
+        validation_file_kind=(valid.stats or {}).get("kind", "jsonl") if valid else "jsonl",
+        checkpoint_every_steps=body.checkpoint_every_steps or settings.checkpoint_every_steps,
+        eval_every_steps=body.eval_every_steps,
+        early_stopping=EarlyStopping(**body.early_stopping.model_dump()) if body.early_stopping else None,
+        init_checkpoint_key=_init_checkpoint(session, project, body.from_checkpoint),
+        cleaning=body.cleaning.model_dump() if body.cleaning else {},
+    )
+    hp_out = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    return cfg, hp_out, seed
+
+
+def _existing_for_key(session: Session, project: Project, key: str, request_hash: str) -> Job | None:
+    job = session.scalar(select(Job).where(Job.project_id == project.id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != request_hash:
+        raise Conflict("This Idempotency-Key was already used with a different request body.",
+                       param="Idempotency-Key", code="idempotency_key_reused")
+    return job
+
+
+def create_job(session: Session, project: Project, body: JobCreate, idempotency_key: str | None) -> Job:
+    request_hash = _request_hash(body)
+    if idempotency_key and (prior := _existing_for_key(session, project, idempotency_key, request_hash)):
+        return prior
+    train = get_file(session, project.id, body.training_file, "training_file")
+    valid = get_file(session, project.id, body.validation_file, "validation_file") \
+        if body.validation_file else None
+    _check_files(train, valid, body.task)
+    cfg, hp, seed = _build_config(session, project, body, train, valid)
+    job = Job(
+        id=ids.job_id(), project_id=project.id, model=body.model, training_file=train.id,
+        validation_file=valid.id if valid else None, suffix=body.suffix, seed=seed, task=body.task.value,
+        training_type=cfg.training_type.model_dump(mode="json"), hyperparameters=hp,
+        config=cfg.model_dump(mode="json"), status="validating_files", user_metadata=body.metadata,
+        idempotency_key=idempotency_key, request_hash=request_hash, webhook_url=body.webhook_url,
+        max_attempts=get_settings().max_attempts, result_files=[], progress={},
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        if idempotency_key and (prior := _existing_for_key(session, project, idempotency_key, request_hash)):
+            return prior
+        raise
+    add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    add_event(session, job.id, f"Validated training file: {train.id} ({train.rows} examples, {train.format})")
+    if valid:
+        add_event(session, job.id, f"Validated validation file: {valid.id} ({valid.rows} examples)")
+    mark_queued(session, job)
+    return job
+
+
+def mark_queued(session: Session, job: Job) -> None:
+    job.status = "queued"
+    job.enqueued_at = utcnow()
+    session.flush()
+    add_event(session, job.id, "Fine-tuning job enqueued")
+    enqueue_job(session, job.id)
+
+
+# --- transitions ----------------------------------------------------------------------------
+
+def _transition(session: Session, job: Job, allowed: tuple[str, ...], values: dict[str, Any]) -> bool:
+    """Conditional update: only from `allowed` statuses, so racing workers can't clobber it."""
+    res = session.execute(update(Job).where(Job.id == job.id, Job.status.in_(allowed)).values(**values))
+    session.refresh(job)
+    return bool(res.rowcount)  # type: ignore[attr-defined]
+
+
+def cancel_job(session: Session, project: Project, job_id: str) -> Job:
+    job = get_job(session, project, job_id)
+    if not _transition(session, job, ACTIVE, {"status": "cancelled", "cancel_requested": True,
+                                              "finished_at": utcnow()}):
+        raise Conflict(f"Job {job.id} is already {job.status} and cannot be cancelled.",
+                       param="fine_tuning_job_id", code="job_not_cancellable")
+    add_event(session, job.id, "Job cancelled by the user; checkpoints are kept")
+    return job
+
+
+def pause_job(session: Session, project: Project, job_id: str) -> Job:
+    job = get_job(session, project, job_id)
+    if job.status == "running":
+        _transition(session, job, ("running",), {"pause_requested": True})
+        add_event(session, job.id, "Pause requested; the worker saves a checkpoint and stops")
+        return job
+    if not _transition(session, job, ("queued", "validating_files"), {"status": "paused"}):
+        raise Conflict(f"Job {job.id} is {job.status} and cannot be paused.", param="fine_tuning_job_id",
+                       code="job_not_pausable")
+    add_event(session, job.id, "Job paused")
+    return job
+
+
+def resume_job(session: Session, project: Project, job_id: str) -> Job:
+    job = get_job(session, project, job_id)
+    if not _transition(session, job, ("paused",), {"status": "queued", "pause_requested": False,
+                                                   "enqueued_at": utcnow()}):
+        raise Conflict(f"Job {job.id} is {job.status}; only paused jobs can be resumed.",
+                       param="fine_tuning_job_id", code="job_not_paused")
+    add_event(session, job.id, "Job resumed; it continues from its last checkpoint")
+    enqueue_job(session, job.id)
+    return job
+
+
+# --- listing --------------------------------------------------------------------------------
+
+def list_jobs(session: Session, project: Project, after: str | None, limit: int,
+              metadata: dict[str, str] | None = None) -> tuple[list[Job], bool]:
+    stmt = select(Job).where(Job.project_id == project.id)
+    for key, value in (metadata or {}).items():
+        stmt = stmt.where(Job.user_metadata[key].as_string() == value)
+    return paginate_desc(session, stmt, Job, after, limit, Job.created_at)
+
+
+def list_events(session: Session, project: Project, job_id: str, after: str | None,
+                limit: int) -> tuple[list[JobEvent], bool]:
+    get_job(session, project, job_id)
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
+    return paginate_desc(session, stmt, JobEvent, after, limit, JobEvent.seq)
+
+
+def events_since(session: Session, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq).order_by(JobEvent.seq)
+    return list(session.scalars(stmt.limit(limit)))
+
+
+def list_checkpoints(session: Session, project: Project, job_id: str, after: str | None,
+                     limit: int) -> tuple[list[Checkpoint], bool]:
+    get_job(session, project, job_id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.project_id == project.id)
+    return paginate_desc(session, stmt, Checkpoint, after, limit, Checkpoint.step)
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def _ts(dt: Any) -> int | None:
+    return int(dt.timestamp()) if dt is not None else None
+
+
+def to_out(session: Session, job: Job) -> JobOut:
+    hp = dict(job.hyperparameters)
+    return JobOut(
+        id=job.id, created_at=_ts(job.created_at) or 0, finished_at=_ts(job.finished_at), model=job.model,
+        fine_tuned_model=job.fine_tuned_model, organization_id=job.project_id, status=job.status,
+        hyperparameters=hp, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        training_file=job.training_file, validation_file=job.validation_file, result_files=job.result_files,
+        trained_tokens=job.trained_tokens, error=job.error, seed=job.seed, suffix=job.suffix,
+        user_provided_suffix=job.suffix, estimated_finish=_ts(job.estimated_finish),
+        metadata=job.user_metadata, task=job.task, training_type=job.training_type, config=job.config,
+        attempt=job.attempt, max_attempts=job.max_attempts, queue_position=queue_position(session, job),
+        progress=job.progress or {}, evaluation=job.evaluation, started_at=_ts(job.started_at),
+    )
+
+
+def event_out(e: JobEvent) -> EventOut:
+    return EventOut(id=e.id, created_at=_ts(e.created_at) or 0, level=e.level, message=e.message,
+                    data=e.data, type=e.type)
+
+
+def checkpoint_out(c: Checkpoint) -> CheckpointOut:
+    metrics = {"step": c.step, **c.metrics}
+    return CheckpointOut(id=c.id, created_at=_ts(c.created_at) or 0,
+                         fine_tuned_model_checkpoint=c.fine_tuned_model_checkpoint, fine_tuning_job_id=c.job_id,
+                         step_number=c.step, metrics=metrics, epoch=c.epoch, is_best=c.is_best)
+
+
+def fine_tuned_model_name(job: Job, project: Project) -> str:
+    return _ft_name(job.model, project, job.suffix, job.id)

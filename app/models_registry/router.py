@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from app.kit.deps import DB, CurrentProject
+from app.models_registry import service
+from app.models_registry.schemas import ModelDeleted, ModelList, ModelOut
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+@router.get("", response_model=ModelList)
+def list_models(db: DB, project: CurrentProject) -> ModelList:
+    return ModelList(data=service.list_models(db, project))
+
+
+@router.get("/{model:path}", response_model=ModelOut)
+def retrieve_model(model: str, db: DB, project: CurrentProject) -> ModelOut:
+    return service.get_model(db, project, model)
+
+
+@router.delete("/{model:path}", response_model=ModelDeleted)
+def delete_model(model: str, db: DB, project: CurrentProject) -> ModelDeleted:
+    service.delete_model(db, project, model)
+    return ModelDeleted(id=model)

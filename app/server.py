@@ -1,0 +1,76 @@
+"""Process orchestration for `tunehouse serve`: migrations, bootstrap key, the reaper, and in
+embedded mode a supervised Celery worker on the filesystem broker."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from app.auth.service import KEY_PREFIX, create_api_key, get_or_create_project
+from app.kit.db import session_scope
+from app.kit.migrate import upgrade_head
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def ensure_bootstrap_key(settings: Settings) -> str | None:
+    """The configured key, or in embedded mode one generated once and kept in data_dir."""
+    key = settings.bootstrap_api_key
+    key_file = settings.data_dir / "api_key"
+    if not key and settings.embedded:
+        key = key_file.read_text().strip() if key_file.exists() else KEY_PREFIX + secrets.token_urlsafe(24)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key + "\n")
+        key_file.chmod(0o600)
+    if not key:
+        return None
+    with session_scope() as s:
+        create_api_key(s, get_or_create_project(s, settings.bootstrap_project), "bootstrap", key=key)
+    return key
+
+
+def prepare(settings: Settings) -> str | None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_head(settings.resolved_database_url)
+    return ensure_bootstrap_key(settings)
+
+
+def worker_command(queues: str, concurrency: int = 1, pool: str = "solo") -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", queues,
+            "-c", str(concurrency), "-P", pool, "--prefetch-multiplier", "1", "--without-gossip",
+            "--without-mingle", "-l", "INFO", "-n", f"tunehouse-{queues.replace(',', '-')}@%h"]
+
+
+class SupervisedWorker(threading.Thread):
+    """Keeps one worker process alive; a dead worker is restarted (its job resumes via the reaper)."""
+
+    def __init__(self, cmd: list[str], cwd: Path | None = None) -> None:
+        super().__init__(name="worker-supervisor", daemon=True)
+        self.cmd, self.cwd = cmd, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=os.environ.copy())
+            code = self.proc.wait()
+            if self.stopping.is_set():
+                return
+            log.warning("embedded worker exited with %s; restarting in 2 s", code)
+            time.sleep(2)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
