@@ -1,3 +1,78 @@
-from fastapi import APIRouter
+"""OpenAI-compatible Files API: /v1/files (upload, list), /v1/files/{id} (retrieve, delete),
+/v1/files/{id}/content (download)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import IO, Literal
+from urllib.parse import quote
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.files import service
+from app.files.schemas import FileDeleted, FileObject
+from app.files.upload import receive_upload
+from app.kit.deps import DB, CurrentProject
+from app.kit.pagination import ListPage
+from app.kit.storage import get_storage, staged_file
+from app.settings import get_settings
 
 router = APIRouter(tags=["files"])
+
+CHUNK = 1 << 20
+MEDIA_TYPES = {"jsonl": "application/jsonl", "csv": "text/csv"}
+
+
+@router.post("/files")
+async def create_file(request: Request, db: DB, project: CurrentProject) -> FileObject:
+    """Upload (multipart: `file`, `purpose=fine-tune`), streamed to disk and validated line by line."""
+    project_id = project.id
+    # Release the pooled connection while a possibly slow body streams in.
+    await run_in_threadpool(db.rollback)
+    storage = get_storage()
+    with staged_file(storage, suffix=".upload") as tmp:
+        upload = await receive_upload(request, tmp, get_settings().max_upload_bytes,
+                                      service.check_form_field)
+        row = await run_in_threadpool(service.create_file, db, project_id, upload, storage)
+    return FileObject.of(row)
+
+
+@router.get("/files")
+def list_files(
+    db: DB, project: CurrentProject, purpose: str | None = None, after: str | None = None,
+    limit: int = Query(100, description=f"1..{service.MAX_LIST_LIMIT}"),
+    order: Literal["asc", "desc"] = "desc",
+) -> ListPage[FileObject]:
+    rows, has_more = service.list_files(db, project.id, purpose=purpose, after=after, limit=limit,
+                                        order=order)
+    data = [FileObject.of(r) for r in rows]
+    return ListPage[FileObject](data=data, has_more=has_more, first_id=data[0].id if data else None,
+                                last_id=data[-1].id if data else None)
+
+
+@router.get("/files/{file_id}")
+def retrieve_file(file_id: str, db: DB, project: CurrentProject) -> FileObject:
+    return FileObject.of(service.get_file(db, project.id, file_id))
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, db: DB, project: CurrentProject) -> FileDeleted:
+    row = service.delete_file(db, project.id, file_id, get_storage())
+    return FileDeleted(id=row.id)
+
+
+def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+    with fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
+@router.get("/files/{file_id}/content")
+def file_content(file_id: str, db: DB, project: CurrentProject) -> StreamingResponse:
+    row, fh = service.open_content(db, project.id, file_id, get_storage())
+    kind = (row.stats or {}).get("kind", "")
+    headers = {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(row.filename)}"}
+    return StreamingResponse(_chunks(fh), media_type=MEDIA_TYPES.get(kind, "application/octet-stream"),
+                             headers=headers)

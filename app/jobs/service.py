@@ -179,8 +179,9 @@ def create_job(session: Session, project: Project, body: JobCreate, idempotency_
     request_hash = _request_hash(body)
     if idempotency_key and (prior := _existing_for_key(session, project, idempotency_key, request_hash)):
         return prior
-    train = get_file(session, project.id, body.training_file, "training_file")
-    valid = get_file(session, project.id, body.validation_file, "validation_file") \
+    # FOR SHARE: the files can't be deleted while this job is being created.
+    train = get_file(session, project.id, body.training_file, "training_file", lock="share")
+    valid = get_file(session, project.id, body.validation_file, "validation_file", lock="share") \
         if body.validation_file else None
     _check_files(train, valid, body.task)
     cfg, hp, seed = _build_config(session, project, body, train, valid)

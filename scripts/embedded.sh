@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Start the whole service on a fresh machine with no external services:
+# SQLite + a local artifact dir under ./data + a worker the server supervises itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+python -m pip install -q --disable-pip-version-check -e .
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec tunehouse serve "$@"

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Install everything into .venv and run the whole test suite.
+# Uses Postgres (127.0.0.1:5432) and Redis (127.0.0.1:6379) when reachable; with CI=true they are required.
+# Extra arguments go to pytest (e.g. scripts/test.sh -k files).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+# torch first, pinned to the CPU build so nothing pulls a multi-GB CUDA wheel.
+# Elsewhere, point TORCH_INDEX_URL at a CPU wheel index.
+python -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
+python -m pip install -q --disable-pip-version-check -e ".[dev]"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+set +e
+python -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "pytest collected no tests: failing" >&2
+  exit 1
+fi
+exit "$rc"
