@@ -20,10 +20,11 @@ def make_celery(settings: Settings) -> Celery:
     transport: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_seconds}
     if settings.embedded:
         d = settings.broker_dir
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (d / sub).mkdir(parents=True, exist_ok=True)
         transport |= {"data_folder_in": str(d / "queue"), "data_folder_out": str(d / "queue"),
-                      "processed_folder": str(d / "processed"), "store_processed": False}
+                      "processed_folder": str(d / "processed"), "store_processed": False,
+                      "control_folder": str(d / "control")}
     app.conf.update(
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,

@@ -274,7 +274,7 @@ def list_events(session: Session, project: Project, job_id: str, after: str | No
                 limit: int) -> tuple[list[JobEvent], bool]:
     get_job(session, project, job_id)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
-    return paginate_desc(session, stmt, JobEvent, after, limit, JobEvent.seq)
+    return paginate_desc(session, stmt, JobEvent, after, limit, JobEvent.seq, max_limit=1000)
 
 
 def events_since(session: Session, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:

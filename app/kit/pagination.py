@@ -28,10 +28,11 @@ def check_limit(limit: int, maximum: int = 100) -> int:
 
 
 def paginate_desc(
-    session: Session, stmt: Select[Any], model: Any, after: str | None, limit: int, order_col: Any
+    session: Session, stmt: Select[Any], model: Any, after: str | None, limit: int, order_col: Any,
+    max_limit: int = 100,
 ) -> tuple[list[Any], bool]:
     """Newest first; `after` is the id of the last item of the previous page."""
-    check_limit(limit)
+    check_limit(limit, max_limit)
     if after:
         anchor = session.execute(stmt.with_only_columns(order_col, model.id).where(model.id == after)).first()
         if anchor is None:
