@@ -1,0 +1,36 @@
+"""Training recipes. `build_recipe` (the `RecipeFactory` of `interface.py`) is imported lazily so
+that importing `worker.training.interface` does not pull in torch and transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from worker.training.interface import Hooks, RecipeConfig
+    from worker.training.recipe import TrainingRecipe
+
+__all__ = ["build_recipe"]
+
+
+def build_recipe(
+    cfg: RecipeConfig,
+    hooks: Hooks,
+    *,
+    workdir: Path,
+    train_path: Path,
+    valid_path: Path | None,
+    resume_dir: Path | None,
+    init_dir: Path | None,
+) -> TrainingRecipe:
+    from worker.training.recipe import build_recipe as build
+
+    return build(
+        cfg,
+        hooks,
+        workdir=workdir,
+        train_path=train_path,
+        valid_path=valid_path,
+        resume_dir=resume_dir,
+        init_dir=init_dir,
+    )

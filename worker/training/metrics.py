@@ -1,0 +1,51 @@
+"""Evaluation metrics in plain numpy (no sklearn)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "precision", "recall"}
+
+
+def classification_metrics(preds: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy plus macro-averaged F1, precision and recall (classes absent from both count as 0)."""
+    preds, labels = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    if labels.size == 0:
+        return {}
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(confusion, (labels, preds), 1)
+    tp = np.diag(confusion).astype(np.float64)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    present = (predicted + actual) > 0  # macro average over classes that occur at all
+    return {
+        "accuracy": float(tp.sum() / labels.size),
+        "macro_f1": float(f1[present].mean()),
+        "precision": float(precision[present].mean()),
+        "recall": float(recall[present].mean()),
+    }
+
+
+def regression_metrics(preds: np.ndarray, targets: np.ndarray) -> dict[str, float]:
+    preds, targets = np.asarray(preds, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    if targets.size == 0:
+        return {}
+    err = preds - targets
+    return {"mse": float(np.mean(err**2)), "mae": float(np.mean(np.abs(err)))}
+
+
+def perplexity(mean_loss: float) -> float:
+    return float(math.exp(min(mean_loss, 50.0)))  # capped: exp overflows far beyond anything useful
+
+
+def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
+    if best is None:
+        return True
+    if metric in HIGHER_IS_BETTER:
+        return value > best + min_delta
+    return value < best - min_delta
