@@ -96,3 +96,7 @@ def main() -> None:
     except ImportError:
         pass
     app()
+
+
+if __name__ == "__main__":
+    main()

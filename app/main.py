@@ -12,6 +12,7 @@ from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.kit.errors import install_error_handlers
 from app.kit.logging import configure_logging
+from app.kit.metrics import install_metrics
 from app.models_registry.router import router as models_router
 from app.settings import Settings, get_settings
 
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_metrics(app)
     app.include_router(health_router)
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")

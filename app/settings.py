@@ -45,7 +45,8 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = 0  # 0 -> once per epoch
     keep_checkpoints: int = 0  # 0 -> keep all
 
-    # Inference
+    # Inference: empty -> the API process runs the engine itself; else the inference worker's URL
+    inference_url: str = ""
     inference_max_batch_size: int = 32
     inference_max_wait_ms: float = 5.0
     inference_max_adapters: int = 32

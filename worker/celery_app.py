@@ -16,7 +16,7 @@ DEFAULT_QUEUE = "default"
 
 
 def make_celery(settings: Settings) -> Celery:
-    app = Celery("tunehouse", broker=settings.resolved_broker_url, include=["worker.tasks"])
+    app = Celery("tunehouse", broker=settings.resolved_broker_url, include=["worker.tasks", "app.webhooks.tasks"])
     transport: dict[str, object] = {"visibility_timeout": settings.visibility_timeout_seconds}
     if settings.embedded:
         d = settings.broker_dir

@@ -16,6 +16,7 @@ from app.jobs.service import add_event
 from app.kit.db import after_commit, session_scope, utcnow
 from app.orm import Job
 from app.settings import get_settings
+from app.webhooks.service import notify_terminal
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ def _expired(s: Session, job: Job) -> None:
                 status="failed", finished_at=now, lease_owner=None,
                 error={"code": "worker_lost", "message": msg, "param": None})).rowcount:  # type: ignore[attr-defined]
             add_event(s, job.id, msg, level="error")
+            notify_terminal(s, job.id)
         return
     if s.execute(update(Job).where(*cond).values(
             status="queued", lease_owner=None, enqueued_at=now)).rowcount:  # type: ignore[attr-defined]

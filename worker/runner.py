@@ -21,6 +21,7 @@ from app.kit import ids
 from app.kit.db import session_scope, utcnow
 from app.kit.storage import Storage, get_storage
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
+from app.webhooks.service import notify_terminal
 from worker.lease import Claim, Heartbeat, claim, owned
 from worker.training.interface import CheckpointInfo, Interrupt, RecipeConfig, TrainOutcome
 
@@ -141,8 +142,8 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
                   data={"attempt": got.attempt, "resumed_from_step": latest.step if resume and latest else None})
     workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=storage.staging_dir()))
     recipe = build_recipe(
-        cfg, hooks, workdir=workdir, train_path=storage.local_dir(cfg.training_file_key),
-        valid_path=storage.local_dir(cfg.validation_file_key) if cfg.validation_file_key else None,
+        cfg, hooks, workdir=workdir, train_path=storage.local_file(cfg.training_file_key),
+        valid_path=storage.local_file(cfg.validation_file_key) if cfg.validation_file_key else None,
         resume_dir=resume,
         init_dir=storage.local_dir(cfg.init_checkpoint_key) if cfg.init_checkpoint_key else None,
     )
@@ -219,6 +220,7 @@ def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: C
             add_event(s, job.id, f"Early stopping at step {outcome.step}: validation loss stopped improving")
         add_event(s, job.id, f"New fine-tuned model created: {ft_name}")
         add_event(s, job.id, "The job has successfully completed")
+        notify_terminal(s, job.id)
     return "succeeded"
 
 
@@ -234,3 +236,4 @@ def _fail(got: Claim, exc: Exception) -> None:
             status="failed", error={"code": code, "message": message[:2000], "param": None},
             finished_at=utcnow(), lease_owner=None, lease_expires_at=None))
         add_event(s, got.job_id, f"Job failed: {message[:2000]}", level="error")
+        notify_terminal(s, got.job_id)

@@ -25,6 +25,7 @@ from app.kit.pagination import paginate_desc
 from app.models_registry.catalog import check_supports, get_spec
 from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
+from app.webhooks.service import notify_terminal
 from worker.training.interface import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,7 @@ def cancel_job(session: Session, project: Project, job_id: str) -> Job:
         raise Conflict(f"Job {job.id} is already {job.status} and cannot be cancelled.",
                        param="fine_tuning_job_id", code="job_not_cancellable")
     add_event(session, job.id, "Job cancelled by the user; checkpoints are kept")
+    notify_terminal(session, job.id)
     return job
 
 

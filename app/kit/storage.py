@@ -5,6 +5,7 @@ the old object or the whole new one, never half of it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -24,6 +25,7 @@ class Storage(Protocol):
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def local_dir(self, key: str) -> Path: ...
+    def local_file(self, key: str) -> Path: ...
     def size(self, key: str) -> int: ...
     def staging_dir(self) -> Path: ...
 
@@ -72,7 +74,11 @@ class LocalStorage:
         dst = self.path(key)
         dst.parent.mkdir(parents=True, exist_ok=True)
         staged = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
-        shutil.copytree(src, staged) if src.stat().st_dev != self.root.stat().st_dev else os.rename(src, staged)
+        if src.stat().st_dev != self.root.stat().st_dev:
+            shutil.copytree(src, staged)
+            shutil.rmtree(src, ignore_errors=True)
+        else:
+            os.rename(src, staged)
         for f in staged.rglob("*"):
             if f.is_file():
                 with open(f, "rb+") as fh:
@@ -105,37 +111,65 @@ class LocalStorage:
     def local_dir(self, key: str) -> Path:
         return self.path(key)
 
+    def local_file(self, key: str) -> Path:
+        p = self.path(key)
+        if not p.is_file():
+            raise FileNotFoundError(key)
+        return p
+
 
 class FsspecStorage:
-    """Object storage (S3-compatible via s3fs). Objects are written under a temporary key and
-    renamed/copied into place; directories get a `_COMPLETE` marker written last."""
+    """Object storage (S3-compatible via s3fs, or any fsspec URL). Files are single PUTs (atomic per
+    object). A directory is a prefix whose `_COMPLETE` marker, written last, holds a version token:
+    readers never take a prefix without it, and a download is kept only if the token is unchanged
+    after it. Local copies are cached per version, so a replaced object is fetched again while
+    readers of the old copy keep theirs."""
 
     def __init__(self, url: str, cache_dir: Path) -> None:
         import fsspec
 
         self.fs, self.base = fsspec.core.url_to_fs(url)
+        self.base = self.base.rstrip("/")
         self.cache = cache_dir
         self.cache.mkdir(parents=True, exist_ok=True)
 
     def _k(self, key: str) -> str:
-        return f"{self.base.rstrip('/')}/{key}"
+        parts = key.strip("/").split("/")
+        if not key.strip("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"invalid storage key: {key!r}")
+        return f"{self.base}/{'/'.join(parts)}"
 
     def staging_dir(self) -> Path:
         d = self.cache / ".staging"
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    # --- writes ---------------------------------------------------------------------------
+
     def put_file(self, key: str, src: Path) -> None:
-        self.fs.put_file(str(src), self._k(key))  # S3 PUT is atomic per object
+        self.fs.put_file(str(src), self._k(key))
         src.unlink(missing_ok=True)
 
     def put_dir(self, key: str, src: Path) -> None:
-        for f in sorted(src.rglob("*")):
-            if f.is_file():
-                self.fs.put_file(str(f), self._k(f"{key}/{f.relative_to(src).as_posix()}"))
-        with self.fs.open(self._k(f"{key}/_COMPLETE"), "wb") as fh:
-            fh.write(b"ok")
+        """Upload a finished directory; an existing one is withdrawn (marker first) and replaced."""
+        if self.fs.exists(self._k(key)):
+            self.delete(key)
+        files = sorted(f for f in src.rglob("*") if f.is_file() and f.name != COMPLETE_MARKER)
+        if files:
+            self.fs.put([str(f) for f in files],
+                        [self._k(f"{key}/{f.relative_to(src).as_posix()}") for f in files])
+        self.fs.pipe_file(self._k(f"{key}/{COMPLETE_MARKER}"), uuid.uuid4().hex.encode())
         shutil.rmtree(src, ignore_errors=True)
+
+    def delete(self, key: str) -> None:
+        marker = self._k(f"{key}/{COMPLETE_MARKER}")
+        if self.fs.exists(marker):
+            self.fs.rm_file(marker)  # readers stop taking the directory before any file goes
+        if self.fs.exists(self._k(key)):
+            self.fs.rm(self._k(key), recursive=True)
+        self.fs.invalidate_cache()
+
+    # --- reads ----------------------------------------------------------------------------
 
     def open_read(self, key: str) -> IO[bytes]:
         return self.fs.open(self._k(key), "rb")  # type: ignore[no-any-return]
@@ -146,23 +180,75 @@ class FsspecStorage:
     def size(self, key: str) -> int:
         return int(self.fs.size(self._k(key)))
 
-    def delete(self, key: str) -> None:
-        if self.fs.exists(self._k(key)):
-            self.fs.rm(self._k(key), recursive=True)
+    def _dir_version(self, key: str) -> str:
+        try:
+            token = bytes(self.fs.cat_file(self._k(f"{key}/{COMPLETE_MARKER}"))).decode().strip()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no complete directory at {key!r}") from None
+        return _token(token)
 
     def local_dir(self, key: str) -> Path:
-        """Download a directory once into the local cache (atomically) and return it."""
-        dst = self.cache / key
-        if dst.exists():
+        """The directory, downloaded once per version into the local cache (atomically)."""
+        version = self._dir_version(key)
+        dst = self.cache / "dirs" / f"{self._k(key).lstrip('/')}@{version}"
+        if dst.is_dir():
             return dst
-        if not self.fs.exists(self._k(f"{key}/_COMPLETE")):
-            raise FileNotFoundError(key)
         tmp = Path(tempfile.mkdtemp(dir=self.staging_dir()))
-        self.fs.get(self._k(key) + "/", str(tmp), recursive=True)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(OSError):
-            os.rename(tmp, dst)
+        try:
+            self._download_dir(key, tmp)
+            if self._dir_version(key) != version:
+                raise FileNotFoundError(f"{key!r} was replaced during download; try again")
+            _publish(tmp, dst)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return dst
+
+    def _download_dir(self, key: str, into: Path) -> None:
+        prefix = self._k(key) + "/"
+        remote = [p for p in self.fs.find(prefix) if not p.endswith(f"/{COMPLETE_MARKER}")]
+        local = [into / p[len(prefix):] for p in remote]
+        for path in local:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        if remote:
+            self.fs.get(remote, [str(p) for p in local])
+
+    def local_file(self, key: str) -> Path:
+        """The object, downloaded once per version into the local cache (atomically)."""
+        path = self._k(key)
+        version = _token(str(self.fs.ukey(path)))  # FileNotFoundError when absent
+        name = path.rsplit("/", 1)[-1]
+        dst = self.cache / "files" / path.lstrip("/") / f"{version}-{name}"
+        if dst.is_file():
+            return dst
+        fd, tmp_name = tempfile.mkstemp(dir=self.staging_dir(), suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            self.fs.get_file(path, str(tmp))
+            if tmp.stat().st_size != self.size(key):
+                raise OSError(f"short download of {key!r}")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return dst
+
+
+COMPLETE_MARKER = "_COMPLETE"
+
+
+def _token(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def _publish(tmp: Path, dst: Path) -> None:
+    """Rename a finished download into place; losing the race to another process is fine."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, dst)
+    except OSError:
+        if not dst.is_dir():
+            raise
 
 
 @contextlib.contextmanager

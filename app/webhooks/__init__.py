@@ -1,0 +1,1 @@
+"""Webhooks: signed notifications when a fine-tuning job reaches a terminal status."""
