@@ -9,6 +9,8 @@ from fastapi import FastAPI
 
 from app.files.router import router as files_router
 from app.health.router import router as health_router
+from app.inference.router import router as inference_router
+from app.inference.runtime import shutdown_engine
 from app.jobs.router import router as jobs_router
 from app.kit.errors import install_error_handlers
 from app.kit.logging import configure_logging
@@ -27,6 +29,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     yield
     if reaper:
         reaper.stop_event.set()
+    shutdown_engine(app)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -44,4 +47,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")
     app.include_router(models_router, prefix="/v1")
+    app.include_router(inference_router, prefix="/v1")
     return app

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
+from app.inference.runtime import evict_model
 from app.kit.deps import DB, CurrentProject
 from app.models_registry import service
 from app.models_registry.schemas import ModelDeleted, ModelList, ModelOut
@@ -20,6 +21,7 @@ def retrieve_model(model: str, db: DB, project: CurrentProject) -> ModelOut:
 
 
 @router.delete("/{model:path}", response_model=ModelDeleted)
-def delete_model(model: str, db: DB, project: CurrentProject) -> ModelDeleted:
-    service.delete_model(db, project, model)
+async def delete_model(request: Request, model: str, db: DB, project: CurrentProject) -> ModelDeleted:
+    storage_key = service.delete_model(db, project, model)
+    await evict_model(request.app, storage_key)  # free the weights now, not on the next request
     return ModelDeleted(id=model)

@@ -50,8 +50,10 @@ def get_model(session: Session, project: Project, model_id: str) -> ModelOut:
     return _fine_tuned_out(get_fine_tuned(session, project, model_id))
 
 
-def delete_model(session: Session, project: Project, model_id: str) -> None:
-    """Soft delete: the model stops serving at once; its job and checkpoints stay."""
+def delete_model(session: Session, project: Project, model_id: str) -> str:
+    """Soft delete: the model stops serving at once; its job and checkpoints stay. Returns the
+    model's storage key (for cache eviction)."""
     row = get_fine_tuned(session, project, model_id)
     row.deleted_at = utcnow()
     session.flush()
+    return row.storage_key

@@ -59,6 +59,41 @@ def test_job_succeeds_on_celery_worker(live_server: str, api_key: str, tmp_path:
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
     csv = client.files.content(job.result_files[0]).text
     assert csv.startswith("step,")
+    # The model answers through the openai client right away.
+    reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is the capital of Peru?"}])
+    assert reply.choices[0].message.content is not None and reply.usage and reply.usage.completion_tokens > 0
+    ckpt = checkpoints[0].fine_tuned_model_checkpoint
+    assert client.completions.create(model=ckpt, prompt="The capital", max_tokens=4).choices[0].text is not None
+
+
+def test_minilm_classifier_predicts_held_out_labels(live_server: str, api_key: str,
+                                                    start_worker: Callable[..., Proc]) -> None:
+    client = _client(live_server, api_key)
+    samples = Path(__file__).resolve().parents[2] / "samples"
+    with open(samples / "sentiment.jsonl", "rb") as fh:
+        train = client.files.create(file=fh, purpose="fine-tune").id
+    with open(samples / "sentiment_valid.jsonl", "rb") as fh:
+        valid = client.files.create(file=fh, purpose="fine-tune").id
+    job_id = client.fine_tuning.jobs.create(
+        model="minilm-l6", training_file=train, validation_file=valid, seed=1,
+        hyperparameters={"n_epochs": 2, "batch_size": 16},
+        extra_body={"task": "classification", "training_type": {"type": "lora", "lora_r": 8},
+                    "learning_rate": 1e-3, "max_seq_length": 64}).id
+    start_worker()
+    job = wait_for(lambda: (j := _status(client, job_id)).status in ("succeeded", "failed") and j, 300,
+                   "classifier job")
+    assert job.status == "succeeded", job.error
+    import json
+
+    held_out = [json.loads(line) for line in (samples / "sentiment_valid.jsonl").read_text().splitlines()]
+    r = httpx.post(f"{live_server}/v1/predictions", headers={"Authorization": f"Bearer {api_key}"},
+                   json={"model": job.fine_tuned_model, "input": [x["text"] for x in held_out]}, timeout=60)
+    assert r.status_code == 200, r.text
+    predicted = [d["label"] for d in r.json()["data"]]
+    accuracy = sum(p == x["label"] for p, x in zip(predicted, held_out, strict=True)) / len(held_out)
+    print(f"held-out accuracy of the fine-tuned minilm-l6 classifier: {accuracy:.3f}")
+    assert accuracy >= 0.9
 
 
 def test_kill_9_worker_resumes_from_checkpoint(live_server: str, api_key: str, tmp_path: Path,
