@@ -154,7 +154,10 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
             return _interrupted(got, outcome)
         final = workdir / "final"
         info = recipe.save_checkpoint(final, with_state=False)
-        return _succeed(got, hooks, storage, final, info, outcome, ft_name)
+        from worker.evaluation import safe_report
+
+        report = safe_report(recipe, job.validation_file, hooks)  # before the final transaction
+        return _succeed(got, hooks, storage, final, info, outcome, ft_name, report)
     finally:
         recipe.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -165,8 +168,10 @@ def _interrupted(got: Claim, outcome: TrainOutcome) -> str:
     with session_scope() as s:
         job = s.get(Job, got.job_id)
         if reason is Interrupt.paused and owned(job, got.worker_id):
+            # A pause is not a lost worker: give the attempt back so pauses never use up max_attempts.
             s.execute(update(Job).where(Job.id == got.job_id).values(
-                status="paused", pause_requested=False, lease_owner=None, lease_expires_at=None))
+                status="paused", pause_requested=False, lease_owner=None, lease_expires_at=None,
+                attempt=Job.attempt - 1))
             add_event(s, got.job_id, f"Job paused at step {outcome.step}; resume continues from here")
         elif reason is Interrupt.cancelled:
             add_event(s, got.job_id, f"Training stopped at step {outcome.step} after cancellation")
@@ -197,7 +202,7 @@ def _store_result_file(s: Any, storage: Storage, job: Job, rows: list[dict[str, 
 
 
 def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: CheckpointInfo,
-             outcome: TrainOutcome, ft_name: str) -> str:
+             outcome: TrainOutcome, ft_name: str, evaluation: dict[str, Any] | None = None) -> str:
     key = f"jobs/{got.job_id}/final"
     storage.put_dir(key, final)
     with session_scope() as s:
@@ -218,6 +223,11 @@ def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: C
         job.progress = {**(job.progress or {}), "step": outcome.step, "eta_seconds": 0}
         if outcome.stopped_early:
             add_event(s, job.id, f"Early stopping at step {outcome.step}: validation loss stopped improving")
+        if evaluation is not None:
+            from worker.evaluation import summary
+
+            job.evaluation = evaluation
+            add_event(s, job.id, summary(evaluation), data={"evaluation": evaluation})
         add_event(s, job.id, f"New fine-tuned model created: {ft_name}")
         add_event(s, job.id, "The job has successfully completed")
         notify_terminal(s, job.id)

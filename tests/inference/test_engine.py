@@ -39,7 +39,9 @@ async def _greedy(engine: Engine, meta: ModelMeta, text: str, n: int = 6) -> str
 
 
 def _close(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return a["label"] == b["label"] and all(abs(a["scores"][k] - b["scores"][k]) < 1e-4 for k in a["scores"])
+    # fp32 batched vs single-row forwards differ by up to ~1e-4 (padding changes the BLAS blocking,
+    # more so single-threaded); a wrong head or adapter differs by orders of magnitude more.
+    return a["label"] == b["label"] and all(abs(a["scores"][k] - b["scores"][k]) < 5e-4 for k in a["scores"])
 
 
 @pytest.fixture
