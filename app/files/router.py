@@ -1,5 +1,5 @@
 """OpenAI-compatible Files API: /v1/files (upload, list), /v1/files/{id} (retrieve, delete),
-/v1/files/{id}/content (download)."""
+/v1/files/{id}/content (download), and the /v1/files/{id}/clean extension."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.files import service
+from app.files import cleaning, service
 from app.files.schemas import FileDeleted, FileObject
 from app.files.upload import receive_upload
 from app.kit.deps import DB, CurrentProject
@@ -55,6 +55,15 @@ def list_files(
 @router.get("/files/{file_id}")
 def retrieve_file(file_id: str, db: DB, project: CurrentProject) -> FileObject:
     return FileObject.of(service.get_file(db, project.id, file_id))
+
+
+@router.post("/files/{file_id}/clean")
+def clean_file(file_id: str, db: DB, project: CurrentProject,
+               body: cleaning.CleaningOptions | None = None) -> FileObject:
+    """Extension: a NEW cleaned, validated copy of a fine-tune file (dedupe, near-dedupe, empty / too
+    long rows, PII scrubbing); the report is in its `stats.cleaning`."""
+    options = body or cleaning.CleaningOptions.model_validate({})
+    return FileObject.of(cleaning.clean_file(db, project.id, file_id, options, get_storage()))
 
 
 @router.delete("/files/{file_id}")

@@ -9,17 +9,20 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.jobs import service
+from app.jobs import download, service
+from app.jobs.estimate import EstimateOut
 from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
 from app.kit.db import get_sessionmaker
 from app.kit.deps import DB, CurrentProject
 from app.kit.errors import InvalidRequest
 from app.kit.pagination import ListPage, page
+from app.kit.storage import get_storage
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning"])
+# Prefix "/fine_tuning" (not ".../jobs"): POST /fine_tuning/estimate lives here too.
+router = APIRouter(prefix="/fine_tuning", tags=["fine-tuning"])
 
 
-@router.post("", response_model=JobOut)
+@router.post("/jobs", response_model=JobOut)
 def create_job(body: JobCreate, db: DB, project: CurrentProject,
                idempotency_key: Annotated[str | None, Header(max_length=256)] = None) -> JobOut:
     return service.to_out(db, service.create_job(db, project, body, idempotency_key))
@@ -34,34 +37,40 @@ def _metadata_filter(request: Request) -> dict[str, str]:
     return out
 
 
-@router.get("", response_model=ListPage[JobOut])
+@router.post("/estimate", response_model=EstimateOut)
+def estimate_job(body: JobCreate, db: DB, project: CurrentProject) -> EstimateOut:
+    """Extension: tokens, steps and duration of a job body (validated exactly like job creation)."""
+    return service.estimate_job(db, project, body)
+
+
+@router.get("/jobs", response_model=ListPage[JobOut])
 def list_jobs(request: Request, db: DB, project: CurrentProject, after: str | None = None,
               limit: int = 20) -> ListPage[JobOut]:
     rows, has_more = service.list_jobs(db, project, after, limit, _metadata_filter(request))
     return page([service.to_out(db, j) for j in rows], has_more)
 
 
-@router.get("/{job_id}", response_model=JobOut)
+@router.get("/jobs/{job_id}", response_model=JobOut)
 def retrieve_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
     return service.to_out(db, service.get_job(db, project, job_id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
 def cancel_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
     return service.to_out(db, service.cancel_job(db, project, job_id))
 
 
-@router.post("/{job_id}/pause", response_model=JobOut)
+@router.post("/jobs/{job_id}/pause", response_model=JobOut)
 def pause_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
     return service.to_out(db, service.pause_job(db, project, job_id))
 
 
-@router.post("/{job_id}/resume", response_model=JobOut)
+@router.post("/jobs/{job_id}/resume", response_model=JobOut)
 def resume_job(job_id: str, db: DB, project: CurrentProject) -> JobOut:
     return service.to_out(db, service.resume_job(db, project, job_id))
 
 
-@router.get("/{job_id}/events", response_model=ListPage[EventOut])
+@router.get("/jobs/{job_id}/events", response_model=ListPage[EventOut])
 def list_events(request: Request, job_id: str, db: DB, project: CurrentProject, after: str | None = None,
                 limit: int = 20, stream: bool = False,
                 last_event_id: Annotated[str | None, Header()] = None) -> Any:
@@ -81,7 +90,8 @@ def _parse_seq(value: str | None) -> int:
     try:
         return int(value)
     except ValueError:
-        raise InvalidRequest("Last-Event-ID must be an event sequence number.", param="Last-Event-ID") from None
+        raise InvalidRequest("Last-Event-ID must be an event sequence number.",
+                             param="Last-Event-ID") from None
 
 
 async def _sse(request: Request, factory: sessionmaker[Session], job_id: str,
@@ -107,8 +117,19 @@ async def _sse(request: Request, factory: sessionmaker[Session], job_id: str,
         await asyncio.sleep(0.5)
 
 
-@router.get("/{job_id}/checkpoints", response_model=ListPage[CheckpointOut])
+@router.get("/jobs/{job_id}/checkpoints", response_model=ListPage[CheckpointOut])
 def list_checkpoints(job_id: str, db: DB, project: CurrentProject, after: str | None = None,
                      limit: int = Query(10)) -> ListPage[CheckpointOut]:
     rows, has_more = service.list_checkpoints(db, project, job_id, after, limit)
     return page([service.checkpoint_out(c) for c in rows], has_more)
+
+
+@router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/download", response_class=StreamingResponse)
+def download_checkpoint(job_id: str, checkpoint_id: str, db: DB, project: CurrentProject,
+                        fmt: Annotated[download.ExportFormat | None, Query(alias="format")] = None,
+                        ) -> StreamingResponse:
+    """Extension: a tar of the weights (`checkpoint_id` may be `final`); `format` adapter | merged | full."""
+    export = download.prepare_download(db, project, get_storage(), job_id, checkpoint_id, fmt)
+    headers = {"Content-Disposition": f'attachment; filename="{export.filename}"',
+               "Content-Length": str(export.content_length())}
+    return StreamingResponse(export.stream(), media_type="application/x-tar", headers=headers)

@@ -7,7 +7,8 @@ import hashlib
 import json
 import logging
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -16,12 +17,14 @@ from sqlalchemy.orm import Session
 from app.files.formats import TASK_FORMATS, Format
 from app.files.service import get_file
 from app.jobs import hyperparams
+from app.jobs.estimate import EstimateOut, estimate, estimate_for_new_job
 from app.jobs.queue import enqueue_job
 from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
 from app.kit import ids
 from app.kit.db import utcnow
 from app.kit.errors import Conflict, InvalidRequest, NotFound
 from app.kit.pagination import paginate_desc
+from app.kit.storage import get_storage
 from app.models_registry.catalog import check_supports, get_spec
 from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
@@ -92,7 +95,8 @@ def _check_training_file(file: File, task: Task, param: str) -> Format:
     if fmt is None or fmt not in TASK_FORMATS[task]:
         allowed = ", ".join(sorted(f.value for f in TASK_FORMATS[task]))
         raise InvalidRequest(f"File '{file.id}' is in {fmt.value if fmt else 'an unknown'} format; task "
-                             f"'{task.value}' needs one of: {allowed}.", param=param, code="invalid_file_format")
+                             f"'{task.value}' needs one of: {allowed}.", param=param,
+                             code="invalid_file_format")
     return fmt
 
 
@@ -176,16 +180,49 @@ def _existing_for_key(session: Session, project: Project, key: str, request_hash
     return job
 
 
+@dataclass
+class Spec:
+    """A validated job request: its files and the resolved recipe config."""
+
+    train: File
+    valid: File | None
+    cfg: RecipeConfig
+    hyperparameters: dict[str, Any]
+    seed: int
+
+
+def validate_spec(session: Session, project: Project, body: JobCreate,
+                  lock: Literal["share"] | None = None) -> Spec:
+    """Every check job creation makes (files, model, hyperparameters); `lock="share"` keeps the files
+    from being deleted until the transaction ends."""
+    train = get_file(session, project.id, body.training_file, "training_file", lock=lock)
+    valid = get_file(session, project.id, body.validation_file, "validation_file", lock=lock) \
+        if body.validation_file else None
+    _check_files(train, valid, body.task)
+    cfg, hp, seed = _build_config(session, project, body, train, valid)
+    return Spec(train, valid, cfg, hp, seed)
+
+
+def estimate_job(session: Session, project: Project, body: JobCreate) -> EstimateOut:
+    spec = validate_spec(session, project, body)
+    try:
+        out = estimate(session, spec.cfg, spec.train, spec.valid, get_storage(), write_cache=True)
+    except FileNotFoundError:
+        raise NotFound("The content of a file of this request is no longer stored.", param="training_file",
+                       code="file_not_found") from None
+    if out.examples == 0:  # the job would fail the same way in the worker
+        raise InvalidRequest(f"No usable training examples after tokenization at max_seq_length "
+                             f"{spec.cfg.max_seq_length}: nothing is left to learn from.",
+                             param="max_seq_length")
+    return out
+
+
 def create_job(session: Session, project: Project, body: JobCreate, idempotency_key: str | None) -> Job:
     request_hash = _request_hash(body)
     if idempotency_key and (prior := _existing_for_key(session, project, idempotency_key, request_hash)):
         return prior
-    # FOR SHARE: the files can't be deleted while this job is being created.
-    train = get_file(session, project.id, body.training_file, "training_file", lock="share")
-    valid = get_file(session, project.id, body.validation_file, "validation_file", lock="share") \
-        if body.validation_file else None
-    _check_files(train, valid, body.task)
-    cfg, hp, seed = _build_config(session, project, body, train, valid)
+    spec = validate_spec(session, project, body, lock="share")
+    train, valid, cfg, hp, seed = spec.train, spec.valid, spec.cfg, spec.hyperparameters, spec.seed
     job = Job(
         id=ids.job_id(), project_id=project.id, model=body.model, training_file=train.id,
         validation_file=valid.id if valid else None, suffix=body.suffix, seed=seed, task=body.task.value,
@@ -206,8 +243,19 @@ def create_job(session: Session, project: Project, body: JobCreate, idempotency_
     add_event(session, job.id, f"Validated training file: {train.id} ({train.rows} examples, {train.format})")
     if valid:
         add_event(session, job.id, f"Validated validation file: {valid.id} ({valid.rows} examples)")
+    _add_estimate(session, job, spec)
     mark_queued(session, job)
     return job
+
+
+def _add_estimate(session: Session, job: Job, spec: Spec) -> None:
+    est = estimate_for_new_job(session, job, spec.cfg, spec.train, spec.valid, get_storage())
+    if est is None:
+        return
+    session.flush()
+    add_event(session, job.id, f"Estimated {est.trained_tokens:,} training tokens in {est.steps} steps, "
+                               f"about {est.estimated_seconds:.0f} s ({est.basis} speed)",
+              data={"estimate": est.model_dump(mode="json")})
 
 
 def mark_queued(session: Session, job: Job) -> None:
@@ -320,8 +368,9 @@ def event_out(e: JobEvent) -> EventOut:
 def checkpoint_out(c: Checkpoint) -> CheckpointOut:
     metrics = {"step": c.step, **c.metrics}
     return CheckpointOut(id=c.id, created_at=_ts(c.created_at) or 0,
-                         fine_tuned_model_checkpoint=c.fine_tuned_model_checkpoint, fine_tuning_job_id=c.job_id,
-                         step_number=c.step, metrics=metrics, epoch=c.epoch, is_best=c.is_best)
+                         fine_tuned_model_checkpoint=c.fine_tuned_model_checkpoint,
+                         fine_tuning_job_id=c.job_id, step_number=c.step, metrics=metrics, epoch=c.epoch,
+                         is_best=c.is_best)
 
 
 def fine_tuned_model_name(job: Job, project: Project) -> str:

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from app.files.cleaning import CleaningOptions, clean_records
 from app.files.formats import iter_records
-from worker.training.interface import Task
+from worker.training.interface import Hooks, Task
 
 IGNORE = -100
 GROUP_CHUNK = 50  # batches per length-sorted chunk
@@ -36,8 +37,23 @@ class Encoded:
     skipped: int = 0  # nothing left to learn from after truncation
 
 
-def read_records(path: Path, kind: str) -> list[dict[str, Any]]:
-    return list(iter_records(path, kind))
+def read_records(path: Path, kind: str, cleaning: dict[str, Any] | None = None, hooks: Hooks | None = None,
+                 where: str = "training") -> list[dict[str, Any]]:
+    """The file's normalized records, cleaned with the job's `cleaning` options when it has any (the
+    report goes out as an event). A validation file is only PII-scrubbed: its rows are what the
+    model is measured on, and it must see the same placeholders as the training data."""
+    records = iter_records(path, kind)
+    options = CleaningOptions.model_validate(cleaning) if cleaning else None
+    if options is not None and where != "training":
+        scrub_only = {"drop_empty": False, "scrub_pii": True}
+        options = CleaningOptions.model_validate(scrub_only) if options.scrub_pii else None
+    if options is None:
+        return list(records)
+    kept, report = clean_records(records, options)
+    if hooks is not None:
+        hooks.message(f"Cleaned the {where} data: {report.summary()}",
+                      data={"cleaning": report.as_dict(), "file": where})
+    return kept
 
 
 def label_names_from(records: list[dict[str, Any]]) -> list[str]:
@@ -82,6 +98,18 @@ def encode(
     else:
         targets = [float(r["value"]) for r in records]
     return Encoded([Example(i, target=t) for i, t in zip(ids, targets, strict=True)])
+
+
+def token_lengths(
+    records: list[dict[str, Any]], task: Task, tok: PreTrainedTokenizerBase, max_len: int, decoder: bool
+) -> list[int]:
+    """Lengths of the training examples `encode` makes of these records (no labels needed): what a
+    job trains on, for estimates."""
+    if task is Task.causal_lm:
+        return [len(e.input_ids) for e in _encode_causal(records, tok, max_len).examples]
+    mlm = task is Task.masked_lm
+    ids = _encode_texts([r["text"] for r in records], tok, max_len, append_eos=decoder and not mlm)
+    return [len(i) for i in ids if not mlm or len(i) > 2]
 
 
 def _encode_texts(

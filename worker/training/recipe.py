@@ -166,10 +166,11 @@ class TrainingRecipe:
         self._announce()
 
     def _read_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        train = D.read_records(self.train_path, self.cfg.training_file_kind)
+        train = D.read_records(self.train_path, self.cfg.training_file_kind, self.cfg.cleaning, self.hooks)
         if not train:
             raise ValueError("the training file has no records")
-        valid = D.read_records(self.valid_path, self.cfg.validation_file_kind) if self.valid_path else []
+        valid = D.read_records(self.valid_path, self.cfg.validation_file_kind, self.cfg.cleaning, self.hooks,
+                               where="validation") if self.valid_path else []
         return train, valid
 
     def _resolve_labels(self, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> list[str] | None:

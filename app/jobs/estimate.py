@@ -1,0 +1,250 @@
+"""How big and how long a fine-tuning job is, before it runs (`POST /v1/fine_tuning/estimate`, and
+`estimated_finish` at job creation).
+
+Tokens: the stored files are tokenized with the base model's own tokenizer exactly the way the
+trainer builds its examples (`worker.training.data.token_lengths`: chat template, eos, truncation at
+max_seq_length, text windows), streaming over the records. Files above a row limit are estimated
+from evenly spaced sample rows (JSONL: seeks, so a big file costs no more than a small one) and
+scaled by the file's row count. Counts are cached in `File.stats["token_counts"]`.
+
+Speed: the mean `tokens_per_second` of the training metrics events of the most recent succeeded
+jobs with the same base model and training type ("measured"), else a default table ("default",
+measured on a 2-core CPU box: a GPU is much faster, so the first succeeded job fixes the basis).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import lru_cache
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.files.formats import BOM, iter_records, normalize
+from app.kit.db import utcnow
+from app.kit.storage import Storage
+from app.models_registry.catalog import base_model_path, get_spec
+from app.orm import File, Job, JobEvent
+from worker.training.interface import RecipeConfig, Task, TrainingKind
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+FULL_COUNT_ROWS = 20_000  # the estimate endpoint counts every row up to this many, then samples
+QUICK_COUNT_ROWS = 2_000  # job creation (must stay fast) samples above this
+CHUNK = 1_000  # records tokenized per call
+RECENT_JOBS = 20  # succeeded jobs averaged for the measured speed
+EVAL_COST = 1 / 3  # a validation token costs a forward pass, about a third of a training token
+STARTUP_SECONDS = 5.0  # loading the model and data, saving the final model
+# Training tokens/s measured on a 2-core CPU (torch 2.13, fp32), per base model and training type.
+DEFAULT_TOKENS_PER_SECOND: dict[tuple[str, TrainingKind], float] = {
+    ("tiny-lm", TrainingKind.full): 20_000.0, ("tiny-lm", TrainingKind.lora): 20_000.0,
+    ("tiny-lm", TrainingKind.freeze): 38_000.0, ("tiny-lm", TrainingKind.prompt_tuning): 20_000.0,
+    ("minilm-l6", TrainingKind.full): 300.0, ("minilm-l6", TrainingKind.lora): 1_400.0,
+    ("minilm-l6", TrainingKind.freeze): 2_200.0, ("minilm-l6", TrainingKind.prompt_tuning): 1_200.0,
+}
+# Other models: minilm-l6's full fine-tuning speed, scaled by its measured per-type ratios (the
+# optimizer step over every weight dominates full fine-tuning on a CPU).
+FALLBACK_FULL_TOKENS_PER_SECOND = 300.0
+KIND_SPEED = {TrainingKind.full: 1.0, TrainingKind.lora: 4.7, TrainingKind.freeze: 7.3,
+              TrainingKind.prompt_tuning: 4.0}
+
+_tokenizer_lock = threading.Lock()  # a fast tokenizer's truncation settings are not thread-safe
+
+
+class EstimateOut(BaseModel):
+    object: Literal["fine_tuning.estimate"] = "fine_tuning.estimate"
+    model: str
+    task: str
+    training_type: str
+    train_tokens: int  # one pass over the training file, as the trainer counts tokens
+    validation_tokens: int
+    examples: int  # training examples after tokenization (text windows, skipped rows)
+    validation_examples: int
+    n_epochs: int
+    batch_size: int
+    steps: int
+    trained_tokens: int  # train_tokens x n_epochs: the job's `trained_tokens` when it succeeds
+    tokens_per_second: float
+    estimated_seconds: float
+    basis: Literal["measured", "default"]
+    sampled: bool  # counts scaled up from a sample of rows
+
+
+@dataclass
+class TokenCount:
+    tokens: int = 0
+    examples: int = 0
+    sampled: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "examples": self.examples, "sampled": self.sampled}
+
+
+@lru_cache(maxsize=8)
+def base_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
+    """The catalog base model's tokenizer, from its local directory (never the network)."""
+    from worker.training.modeling import load_tokenizer
+
+    return load_tokenizer(base_model_path(get_spec(model_id)))
+
+
+# --- reading rows ---------------------------------------------------------------------------------
+
+def _sample_jsonl(path: Path, n: int) -> Iterator[dict[str, Any]]:
+    """About n records at evenly spaced byte offsets (the line starting after each offset)."""
+    size = path.stat().st_size
+    seen: set[int] = set()
+    with open(path, "rb") as fh:
+        for i in range(n):
+            fh.seek(size * i // n)
+            if i:
+                fh.readline()  # finish the line the offset fell into
+            start, raw = fh.tell(), fh.readline()
+            if start in seen or not raw.strip():
+                continue
+            seen.add(start)
+            yield normalize(json.loads(raw.removeprefix(BOM)))[1]
+
+
+def _rows(path: Path, kind: str, rows: int, limit: int) -> tuple[Iterator[dict[str, Any]], bool]:
+    if rows <= limit:
+        return iter_records(path, kind), False
+    if kind == "jsonl":
+        return _sample_jsonl(path, limit), True
+    return islice(iter_records(path, kind), limit), True  # CSV records may span lines: take the head
+
+
+def _chunks(records: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    while chunk := list(islice(records, CHUNK)):
+        yield chunk
+
+
+def count_file_tokens(path: Path, kind: str, rows: int, cfg: RecipeConfig, limit: int) -> TokenCount:
+    from worker.training.data import token_lengths
+
+    spec = get_spec(cfg.base_model)
+    tok = base_tokenizer(spec.id)
+    records, sampled = _rows(path, kind, rows, limit)
+    tokens = examples = read = 0
+    with _tokenizer_lock:
+        for chunk in _chunks(records):
+            lengths = token_lengths(chunk, Task(cfg.task), tok, effective_max_len(cfg),
+                                    spec.architecture == "decoder")
+            tokens, examples, read = tokens + sum(lengths), examples + len(lengths), read + len(chunk)
+    scale = rows / read if sampled and read else 1.0
+    return TokenCount(round(tokens * scale), round(examples * scale), sampled)
+
+
+def effective_max_len(cfg: RecipeConfig) -> int:
+    tt = cfg.training_type
+    virtual = tt.num_virtual_tokens if tt.type is TrainingKind.prompt_tuning else 0
+    return max(8, cfg.max_seq_length - virtual)
+
+
+# --- cached counts --------------------------------------------------------------------------------
+
+def _cache_key(cfg: RecipeConfig) -> str:
+    return f"{cfg.task}/{cfg.base_model}/{effective_max_len(cfg)}"
+
+
+def _cached(file: File, cfg: RecipeConfig) -> TokenCount | None:
+    hit = ((file.stats or {}).get("token_counts") or {}).get(_cache_key(cfg))
+    if not hit or hit.get("sha256") != file.sha256:
+        return None
+    return TokenCount(int(hit["tokens"]), int(hit["examples"]), bool(hit["sampled"]))
+
+
+def _store(file: File, cfg: RecipeConfig, count: TokenCount) -> None:
+    stats = dict(file.stats or {})
+    counts = dict(stats.get("token_counts") or {})
+    counts[_cache_key(cfg)] = {**count.as_dict(), "sha256": file.sha256}
+    file.stats = {**stats, "token_counts": counts}  # a new dict: the JSON column sees the change
+
+
+def file_tokens(file: File | None, cfg: RecipeConfig, storage: Storage, *, limit: int,
+                write_cache: bool) -> TokenCount:
+    if file is None:
+        return TokenCount()
+    cached = _cached(file, cfg)
+    if cached is not None:
+        return cached
+    path = storage.local_file(file.storage_key)
+    count = count_file_tokens(path, (file.stats or {}).get("kind", "jsonl"), file.rows, cfg, limit)
+    if write_cache:
+        _store(file, cfg, count)
+    return count
+
+
+# --- speed and the estimate -----------------------------------------------------------------------
+
+def measured_tokens_per_second(session: Session, model: str, kind: str) -> float | None:
+    recent = (select(Job.id).where(Job.status == "succeeded", Job.model == model,
+                                   Job.training_type["type"].as_string() == kind)
+              .order_by(Job.finished_at.desc()).limit(RECENT_JOBS))
+    value = session.scalar(select(func.avg(JobEvent.data["tokens_per_second"].as_float())).where(
+        JobEvent.job_id.in_(recent.scalar_subquery()), JobEvent.type == "metrics"))
+    return float(value) if value else None
+
+
+def default_tokens_per_second(model: str, kind: TrainingKind) -> float:
+    known = DEFAULT_TOKENS_PER_SECOND.get((model, kind))
+    return known if known is not None else FALLBACK_FULL_TOKENS_PER_SECOND * KIND_SPEED[kind]
+
+
+def _steps(cfg: RecipeConfig, examples: int) -> int:
+    micro = math.ceil(examples / cfg.batch_size)
+    return math.ceil(micro / max(1, cfg.gradient_accumulation_steps)) * cfg.n_epochs
+
+
+def _evaluations(cfg: RecipeConfig, steps: int, has_validation: bool) -> int:
+    if not has_validation:
+        return 0
+    return math.ceil(steps / cfg.eval_every_steps) if cfg.eval_every_steps > 0 else cfg.n_epochs
+
+
+def estimate(session: Session, cfg: RecipeConfig, train: File, valid: File | None, storage: Storage, *,
+             limit: int | None = None, write_cache: bool = False) -> EstimateOut:
+    """`limit`: rows counted exactly before sampling (default FULL_COUNT_ROWS)."""
+    kind = TrainingKind(cfg.training_type.type)
+    limit = limit or FULL_COUNT_ROWS
+    t = file_tokens(train, cfg, storage, limit=limit, write_cache=write_cache)
+    v = file_tokens(valid, cfg, storage, limit=limit, write_cache=write_cache)
+    steps = _steps(cfg, t.examples)
+    measured = measured_tokens_per_second(session, cfg.base_model, kind.value)
+    tps = measured or default_tokens_per_second(cfg.base_model, kind)
+    work = t.tokens * cfg.n_epochs + EVAL_COST * v.tokens * _evaluations(cfg, steps, valid is not None)
+    return EstimateOut(
+        model=cfg.base_model, task=str(cfg.task), training_type=kind.value, train_tokens=t.tokens,
+        validation_tokens=v.tokens, examples=t.examples, validation_examples=v.examples,
+        n_epochs=cfg.n_epochs, batch_size=cfg.batch_size, steps=steps, trained_tokens=t.tokens * cfg.n_epochs,
+        tokens_per_second=round(tps, 1), estimated_seconds=round(STARTUP_SECONDS + work / tps, 1),
+        basis="measured" if measured else "default", sampled=t.sampled or v.sampled,
+    )
+
+
+def estimate_for_new_job(session: Session, job: Job, cfg: RecipeConfig, train: File, valid: File | None,
+                         storage: Storage) -> EstimateOut | None:
+    """Sets `estimated_finish` on a job being created. Quick (a sample of big files), never raises."""
+    try:
+        out = estimate(session, cfg, train, valid, storage, limit=QUICK_COUNT_ROWS)
+    except FileNotFoundError as exc:
+        log.info("no estimate for job %s: %s", job.id, exc)
+        return None
+    except Exception:
+        log.warning("could not estimate job %s", job.id, exc_info=True)
+        return None
+    job.estimated_finish = utcnow() + timedelta(seconds=out.estimated_seconds)
+    return out

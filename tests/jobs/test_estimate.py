@@ -1,0 +1,154 @@
+"""POST /v1/fine_tuning/estimate and the estimate made at job creation."""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+
+from app.files.formats import normalize
+from app.jobs import estimate as E
+from app.kit import ids
+from app.kit.db import utcnow
+from app.orm import File, Job, JobEvent, Project
+from tests.e2e.data import chat_rows
+from tests.worker.training import datasets as ds
+from worker.training.data import token_lengths
+from worker.training.interface import Task
+
+
+def _upload(client: TestClient, rows: list[dict[str, Any]], name: str = "t.jsonl") -> str:
+    body = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    r = client.post("/v1/files", files={"file": (name, body)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    return str(r.json()["id"])
+
+
+def _exact_tokens(rows: list[dict[str, Any]], task: Task, max_len: int, model: str = "tiny-lm") -> list[int]:
+    decoder = model == "tiny-lm"
+    return token_lengths([normalize(r)[1] for r in rows], task, E.base_tokenizer(model), max_len, decoder)
+
+
+def test_estimate_counts_tokens_like_the_trainer(client: TestClient, db: Session) -> None:
+    rows, valid = chat_rows(30), chat_rows(10, seed=1)
+    body = {"model": "tiny-lm", "training_file": _upload(client, rows), "max_seq_length": 64,
+            "validation_file": _upload(client, valid), "hyperparameters": {"n_epochs": 3, "batch_size": 4}}
+    r = client.post("/v1/fine_tuning/estimate", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    lengths = _exact_tokens(rows, Task.causal_lm, 64)
+    assert out["object"] == "fine_tuning.estimate"
+    assert out["train_tokens"] == sum(lengths) and out["examples"] == len(lengths) == 30
+    assert out["validation_tokens"] == sum(_exact_tokens(valid, Task.causal_lm, 64))
+    assert max(lengths) == 64  # truncated at max_seq_length
+    assert (out["n_epochs"], out["batch_size"], out["steps"]) == (3, 4, 3 * math.ceil(30 / 4))
+    assert out["trained_tokens"] == 3 * out["train_tokens"]
+    assert out["basis"] == "default" and out["sampled"] is False
+    tps = E.default_tokens_per_second("tiny-lm", E.TrainingKind.lora)
+    assert out["tokens_per_second"] == pytest.approx(tps)
+    work = out["trained_tokens"] + E.EVAL_COST * out["validation_tokens"] * 3
+    assert out["estimated_seconds"] == pytest.approx(E.STARTUP_SECONDS + work / tps, abs=0.1)
+    cached = db.get(File, body["training_file"]).stats["token_counts"]  # type: ignore[union-attr]
+    assert cached["causal_lm/tiny-lm/64"]["tokens"] == out["train_tokens"]
+    body["max_seq_length"] = 16  # the answers start later: nothing left to learn from
+    r = client.post("/v1/fine_tuning/estimate", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_seq_length", r.text
+
+
+def test_estimate_classification_on_encoder(client: TestClient) -> None:
+    rows = ds.sentiment_rows(40)
+    body = {"model": "minilm-l6", "training_file": _upload(client, rows), "task": "classification",
+            "training_type": "full", "hyperparameters": {"n_epochs": 2, "batch_size": 8}}
+    out = client.post("/v1/fine_tuning/estimate", json=body).json()
+    lengths = _exact_tokens(rows, Task.classification, 256, "minilm-l6")
+    assert out["train_tokens"] == sum(lengths) and out["steps"] == 10 and out["training_type"] == "full"
+
+
+@pytest.mark.parametrize(("extra", "status", "param"), [
+    ({"model": "nope"}, 404, "model"),
+    ({"training_file": "file-missing"}, 404, "training_file"),
+    ({"early_stopping": {"patience": 2}}, 400, "early_stopping"),
+    ({"max_seq_length": 100000}, 400, "max_seq_length"),
+    ({"task": "classification"}, 400, "training_file"),
+])
+def test_estimate_validates_like_create(client: TestClient, extra: dict[str, Any], status: int,
+                                        param: str) -> None:
+    body = {"model": "tiny-lm", "training_file": _upload(client, chat_rows(5)), **extra}
+    for path in ("/v1/fine_tuning/estimate", "/v1/fine_tuning/jobs"):
+        r = client.post(path, json=body)
+        assert r.status_code == status and r.json()["error"]["param"] == param, (path, r.text)
+
+
+def _succeeded_job(db: Session, project: Project, file_id: str, kind: str, speeds: list[float]) -> None:
+    job = Job(id=ids.job_id(), project_id=project.id, model="tiny-lm", training_file=file_id, seed=1,
+              task="causal_lm", training_type={"type": kind}, hyperparameters={}, config={},
+              status="succeeded", finished_at=utcnow())
+    db.add(job)
+    db.flush()
+    for i, tps in enumerate(speeds):
+        db.add(JobEvent(id=ids.event_id(), job_id=job.id, type="metrics", message="m",
+                        data={"step": i + 1, "train_loss": 1.0, "tokens_per_second": tps}))
+    db.add(JobEvent(id=ids.event_id(), job_id=job.id, type="metrics", message="e", data={"valid_loss": 1.0}))
+    db.flush()
+
+
+def test_measured_speed_from_past_jobs(project_client: tuple[TestClient, Project], db: Session) -> None:
+    client, project = project_client
+    file_id = _upload(client, chat_rows(8))
+    _succeeded_job(db, project, file_id, "lora", [1000.0, 3000.0])
+    _succeeded_job(db, project, file_id, "lora", [2000.0])
+    _succeeded_job(db, project, file_id, "full", [99999.0])  # another training type: ignored
+    db.commit()
+    out = client.post("/v1/fine_tuning/estimate", json={"model": "tiny-lm", "training_file": file_id}).json()
+    assert out["basis"] == "measured" and out["tokens_per_second"] == pytest.approx(2000.0)
+
+
+def test_big_files_are_sampled(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = chat_rows(400)
+    file_id = _upload(client, rows)
+    monkeypatch.setattr(E, "FULL_COUNT_ROWS", 50)
+    out = client.post("/v1/fine_tuning/estimate", json={"model": "tiny-lm", "training_file": file_id,
+                                                         "max_seq_length": 64}).json()
+    exact = sum(_exact_tokens(rows, Task.causal_lm, 64))
+    assert out["sampled"] is True and out["examples"] == 400
+    assert out["train_tokens"] == pytest.approx(exact, rel=0.05)
+
+
+def test_sample_rows_are_spread_over_the_file(tmp_path: Any) -> None:
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(1000)))
+    got = [int(r["text"].split()[1]) for r in E._sample_jsonl(path, 10)]
+    assert len(got) == 10 and got[0] == 0 and got[-1] > 850 and got == sorted(got)
+
+
+def test_create_job_sets_estimated_finish(client: TestClient, db: Session) -> None:
+    file_id = _upload(client, chat_rows(20))
+    before = utcnow()
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-lm", "training_file": file_id,
+                                                   "hyperparameters": {"n_epochs": 2, "batch_size": 4}})
+    assert r.status_code == 200, r.text
+    job = r.json()
+    body = {"model": "tiny-lm", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}
+    est = client.post("/v1/fine_tuning/estimate", json=body).json()
+    finish = before + timedelta(seconds=est["estimated_seconds"])
+    assert abs(job["estimated_finish"] - finish.timestamp()) < 5
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    (event,) = [e for e in events if e["message"].startswith("Estimated")]
+    assert event["data"]["estimate"]["trained_tokens"] == est["trained_tokens"]
+
+
+def test_create_job_without_stored_bytes_still_works(client: TestClient, db: Session,
+                                                     project_client: tuple[TestClient, Project]) -> None:
+    from tests.jobs.factories import make_file
+
+    f = make_file(db, project_client[1], "chat", rows=40)  # its storage key points at nothing
+    db.commit()
+    r = client.post("/v1/fine_tuning/jobs", json={"model": "tiny-lm", "training_file": f.id})
+    assert r.status_code == 200 and r.json()["estimated_finish"] is None
+    assert client.post("/v1/fine_tuning/estimate", json={"model": "tiny-lm", "training_file": f.id}
+                       ).status_code == 404
