@@ -395,6 +395,14 @@ def jobs_get(job_id: str, as_json: JsonOut = False, base_url: BaseUrl = DEFAULT_
     _out().print(_job_table(job))
 
 
+def _evaluation_text(report: dict[str, Any] | None) -> str:
+    """'accuracy 0.50 -> 0.97, macro_f1 0.33 -> 0.97' from the base vs fine-tuned report."""
+    metrics = (report or {}).get("metrics") or {}
+    base, tuned = metrics.get("base") or {}, metrics.get("fine_tuned") or {}
+    return ", ".join(f"{k} {base[k]:.4g} -> {tuned[k]:.4g}" for k in tuned
+                     if isinstance(tuned.get(k), int | float) and isinstance(base.get(k), int | float))
+
+
 def _job_table(job: dict[str, Any]) -> Table:
     p = job.get("progress") or {}
     rows = {
@@ -408,6 +416,7 @@ def _job_table(job: dict[str, Any]) -> Table:
         "trained_tokens": job.get("trained_tokens"),
         "fine_tuned_model": job.get("fine_tuned_model"), "created": _time(job["created_at"]),
         "finished": _time(job.get("finished_at")), "error": (job.get("error") or {}).get("message"),
+        "evaluation": _evaluation_text(job.get("evaluation")),
     }
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")

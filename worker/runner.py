@@ -179,7 +179,7 @@ def _interrupted(got: Claim, outcome: TrainOutcome) -> str:
 
 
 def _result_csv(rows: list[dict[str, Any]]) -> bytes:
-    cols = ["step"] + sorted({k for r in rows for k in r} - {"step"})
+    cols = ["step", *sorted({k for r in rows for k in r} - {"step"})]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=cols)
     writer.writeheader()

@@ -24,7 +24,7 @@ def test_openai_client_files_and_jobs(live_server: str, api_key: str, tmp_path: 
                                          hyperparameters={"n_epochs": 1},
                                          extra_body={"training_type": {"type": "lora", "lora_r": 4}})
     assert job.status == "queued" and job.hyperparameters.n_epochs == 1
-    assert [j.id for j in client.fine_tuning.jobs.list(limit=5)][0] == job.id
+    assert next(j.id for j in client.fine_tuning.jobs.list(limit=5)) == job.id
     assert client.fine_tuning.jobs.retrieve(job.id).training_file == f.id
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled"
