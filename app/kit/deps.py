@@ -9,22 +9,14 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from app.auth.service import project_for_key
-from app.kit.db import get_sessionmaker
+from app.kit.db import get_sessionmaker, session_scope
 from app.kit.errors import AuthenticationError
 from app.orm import Project
 
 
 def get_db(request: Request) -> Iterator[Session]:
-    factory = getattr(request.app.state, "sessionmaker", None) or get_sessionmaker()
-    session = factory()
-    try:
+    with session_scope(getattr(request.app.state, "sessionmaker", None) or get_sessionmaker()) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit runs when the endpoint returns, before the response is sent.

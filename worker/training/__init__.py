@@ -23,9 +23,9 @@ def build_recipe(
     resume_dir: Path | None,
     init_dir: Path | None,
 ) -> TrainingRecipe:
-    from worker.training.recipe import build_recipe as build
+    from worker.training.recipe import TrainingRecipe
 
-    return build(
+    return TrainingRecipe(
         cfg,
         hooks,
         workdir=workdir,

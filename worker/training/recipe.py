@@ -540,24 +540,3 @@ class TrainingRecipe:
                 setattr(self, name, None)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def build_recipe(
-    cfg: RecipeConfig,
-    hooks: Hooks,
-    *,
-    workdir: Path,
-    train_path: Path,
-    valid_path: Path | None,
-    resume_dir: Path | None,
-    init_dir: Path | None,
-) -> TrainingRecipe:
-    return TrainingRecipe(
-        cfg,
-        hooks,
-        workdir=workdir,
-        train_path=train_path,
-        valid_path=valid_path,
-        resume_dir=resume_dir,
-        init_dir=init_dir,
-    )
