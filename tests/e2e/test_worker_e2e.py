@@ -52,13 +52,25 @@ def test_job_succeeds_on_celery_worker(live_server: str, api_key: str, tmp_path:
     checkpoints = list(client.fine_tuning.jobs.checkpoints.list(job_id))
     assert len(checkpoints) == 2  # one per epoch
     assert sum(bool(getattr(c, "is_best", False)) for c in checkpoints) == 1
-    events = list(client.fine_tuning.jobs.list_events(job_id, limit=100))
+    events = list(client.fine_tuning.jobs.list_events(job_id, limit=1000))
     losses = [e.data["train_loss"] for e in reversed(events) if e.type == "metrics" and e.data
               and "train_loss" in e.data]
     assert len(losses) >= 4 and losses[-1] < losses[0]
     assert job.fine_tuned_model in [m.id for m in client.models.list()]
     csv = client.files.content(job.result_files[0]).text
     assert csv.startswith("step,")
+    # SSE: the whole history, then `end`; Last-Event-ID resumes after a given event.
+    auth = {"Authorization": f"Bearer {api_key}"}
+    url = f"{live_server}/v1/fine_tuning/jobs/{job_id}/events?stream=true"
+    with httpx.stream("GET", url, headers=auth, timeout=30) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        body = "".join(r.iter_text())
+    ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+    assert len(ids) == len(events) and ids == sorted(ids)
+    assert body.rstrip().endswith('data: {"status": "succeeded"}')
+    with httpx.stream("GET", url, headers={**auth, "Last-Event-ID": str(ids[-3])}, timeout=30) as r:
+        tail = "".join(r.iter_text())
+    assert [int(line[4:]) for line in tail.splitlines() if line.startswith("id: ")] == ids[-2:]
     # The model answers through the openai client right away.
     reply = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=8, temperature=0,
                                            messages=[{"role": "user", "content": "What is the capital of Peru?"}])
