@@ -286,7 +286,8 @@ def _file_ref(api: Api, value: str) -> str:
     if not path.is_file():
         return value
     f = upload_file(api, path)
-    _out().print(f"[green]Uploaded[/] {path} → {f['id']} ({f.get('rows')} rows, {f.get('format')})")
+    # A status note, on stderr: stdout stays the command's result (`jobs create -q` prints only the id).
+    _err().print(f"[green]Uploaded[/] {path} → {f['id']} ({f.get('rows')} rows, {f.get('format')})")
     return str(f["id"])
 
 
