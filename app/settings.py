@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     catalog_path: Path | None = None  # JSON base-model catalog; None -> the bundled one
     checkpoint_every_steps: int = 0  # 0 -> once per epoch
-    keep_checkpoints: int = 0  # 0 -> keep all
+    keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all
 
     # Inference: empty -> the API process runs the engine itself; else the inference worker's URL
     inference_url: str = ""

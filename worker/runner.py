@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.orm import Session
 
 from app.jobs.service import add_event, fine_tuned_model_name
 from app.kit import ids
-from app.kit.db import session_scope, utcnow
+from app.kit.db import after_commit, session_scope, utcnow
 from app.kit.storage import Storage, get_storage
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
+from app.settings import get_settings
 from app.webhooks.service import notify_terminal
 from worker.lease import Claim, Heartbeat, claim, owned
 from worker.training.interface import CheckpointInfo, Interrupt, RecipeConfig, TrainOutcome
@@ -88,6 +90,21 @@ class JobHooks:
             _mark_best(s, self.job_id)
             add_event(s, self.job_id, f"Checkpoint saved at step {info.step} (epoch {info.epoch:.2f})",
                       data={"checkpoint": row.id, "step": info.step, "metrics": info.metrics})
+            prune_checkpoints(s, self.storage, self.job_id, get_settings().keep_checkpoints)
+
+
+def prune_checkpoints(s: Session, storage: Storage, job_id: str, keep: int) -> list[str]:
+    """Keep the newest `keep` checkpoints (resume needs the latest) plus the best; 0 keeps all.
+    Weights are deleted only once the rows' deletion is committed."""
+    if keep <= 0:
+        return []
+    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())))
+    doomed = [c for c in rows[keep:] if not c.is_best]
+    for c in doomed:
+        s.delete(c)
+        after_commit(s, lambda key=c.storage_key: storage.delete(key))
+    s.flush()
+    return [c.id for c in doomed]
 
 
 def _mark_best(s: Any, job_id: str) -> None:

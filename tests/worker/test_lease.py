@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select, update
@@ -117,3 +118,28 @@ def test_reaper_resends_lost_queued_messages(committed_db: sessionmaker[Session]
 def test_terminal_jobs_are_not_claimed(committed_db: sessionmaker[Session]) -> None:
     for status in ("succeeded", "failed", "cancelled", "paused"):
         assert claim(committed_job(committed_db, status=status), "w") is None
+
+
+def test_prune_keeps_newest_and_best(committed_db: sessionmaker[Session], tmp_path: Path) -> None:
+    from app.kit.storage import LocalStorage
+    from app.orm import Checkpoint
+    from worker.runner import prune_checkpoints
+
+    storage = LocalStorage(tmp_path)
+    job_id = committed_job(committed_db)
+    with committed_db.begin() as s:
+        project_id = s.get(Job, job_id).project_id  # type: ignore[union-attr]
+        for step in (1, 2, 3, 4, 5):
+            key = f"jobs/{job_id}/checkpoints/step-{step}"
+            storage.path(key).mkdir(parents=True)
+            s.add(Checkpoint(id=f"ftckpt-{job_id}-{step}", job_id=job_id, project_id=project_id, step=step,
+                             epoch=step, metrics={}, storage_key=key, fine_tuned_model_checkpoint=f"x:{step}",
+                             is_best=step == 2))
+    with committed_db.begin() as s:
+        gone = prune_checkpoints(s, storage, job_id, keep=2)
+    assert sorted(gone) == [f"ftckpt-{job_id}-1", f"ftckpt-{job_id}-3"]
+    with committed_db() as s:
+        left = sorted(c.step for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
+    assert left == [2, 4, 5]
+    assert not storage.exists(f"jobs/{job_id}/checkpoints/step-1")
+    assert storage.exists(f"jobs/{job_id}/checkpoints/step-2")
