@@ -228,8 +228,9 @@ def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: C
             return "lease_lost"
         assert job is not None
         best = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.is_best))
-        s.add(FineTunedModel(id=ft_name, project_id=job.project_id, job_id=job.id, base_model=job.model,
-                             task=job.task, training_type=info.training_type.value, storage_key=key,
+        base = job.config.get("base_model", job.model)
+        s.add(FineTunedModel(id=ft_name, project_id=job.project_id, job_id=job.id, base_model=base, task=job.task,
+                             training_type=info.training_type.value, storage_key=key,
                              checkpoint_id=best.id if best else None,
                              info={"label_names": info.label_names, "metrics": outcome.final_metrics,
                                    "best_checkpoint": best.id if best else None}))

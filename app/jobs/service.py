@@ -26,7 +26,7 @@ from app.kit.errors import Conflict, InvalidRequest, NotFound
 from app.kit.pagination import paginate_desc
 from app.kit.storage import get_storage
 from app.models_registry.catalog import check_supports, get_spec
-from app.orm import Checkpoint, File, Job, JobEvent, Project
+from app.orm import Checkpoint, File, FineTunedModel, Job, JobEvent, Project
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal
 from worker.training.interface import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
@@ -135,9 +135,24 @@ def _init_checkpoint(session: Session, project: Project, ref: str | None) -> str
     return ckpt.storage_key
 
 
+def _base_of(session: Session, project: Project, body: JobCreate) -> tuple[str, str | None]:
+    """(catalog base model, weights to start from). `model` may be one of your `ft:` models, as on
+    OpenAI: training continues from it; `from_checkpoint` picks a checkpoint instead."""
+    init_key = _init_checkpoint(session, project, body.from_checkpoint)
+    if not body.model.startswith("ft:"):
+        return body.model, init_key
+    row = session.scalar(select(FineTunedModel).where(
+        FineTunedModel.id == body.model, FineTunedModel.project_id == project.id,
+        FineTunedModel.deleted_at.is_(None)))
+    if row is None:
+        raise NotFound(f"The model '{body.model}' does not exist.", param="model", code="model_not_found")
+    return row.base_model, init_key or row.storage_key
+
+
 def _build_config(session: Session, project: Project, body: JobCreate, train: File,
                   valid: File | None) -> tuple[RecipeConfig, dict[str, Any], int]:
-    spec = get_spec(body.model)
+    base_id, init_key = _base_of(session, project, body)
+    spec = get_spec(base_id)
     tt = body.training_type_config()
     check_supports(spec, body.task.value, tt.type.value)
     if body.early_stopping is not None and valid is None:
@@ -165,7 +180,7 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
         checkpoint_every_steps=body.checkpoint_every_steps or settings.checkpoint_every_steps,
         eval_every_steps=body.eval_every_steps,
         early_stopping=EarlyStopping(**body.early_stopping.model_dump()) if body.early_stopping else None,
-        init_checkpoint_key=_init_checkpoint(session, project, body.from_checkpoint),
+        init_checkpoint_key=init_key,
         cleaning=body.cleaning.model_dump() if body.cleaning else {},
     )
     hp_out = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
@@ -374,4 +389,4 @@ def checkpoint_out(c: Checkpoint) -> CheckpointOut:
 
 
 def fine_tuned_model_name(job: Job, project: Project) -> str:
-    return _ft_name(job.model, project, job.suffix, job.id)
+    return _ft_name(job.config.get("base_model", job.model), project, job.suffix, job.id)

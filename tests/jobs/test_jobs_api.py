@@ -187,3 +187,22 @@ def test_job_row_state(db: Session, client: TestClient, chat_file: str) -> None:
     job_id = _create(client, model="tiny-lm", training_file=chat_file).json()["id"]
     row = db.get(Job, job_id)
     assert row is not None and row.enqueued_at is not None and row.attempt == 0
+
+
+def test_fine_tuning_a_fine_tuned_model_continues_from_it(
+        client: TestClient, other_client: TestClient, db: Session, chat_file: str,
+        project_client: tuple[TestClient, Project]) -> None:
+    from app.orm import FineTunedModel
+
+    first = _create(client, model="tiny-lm", training_file=chat_file).json()
+    ft = f"ft:tiny-lm:project-a::{first['id']}"
+    db.add(FineTunedModel(id=ft, project_id=project_client[1].id, job_id=first["id"], base_model="tiny-lm",
+                          task="causal_lm", training_type="lora", storage_key=f"jobs/{first['id']}/final"))
+    db.commit()
+    r = _create(client, model=ft, training_file=chat_file)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["model"] == ft
+    assert job["config"]["base_model"] == "tiny-lm"
+    assert job["config"]["init_checkpoint_key"] == f"jobs/{first['id']}/final"
+    assert _create(other_client, model=ft, training_file=chat_file).status_code == 404
