@@ -14,6 +14,7 @@ python -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-
 python -m pip install -q --disable-pip-version-check -e ".[dev]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m ruff check app worker tests bench migrations
+python -m mypy app worker
 set +e
 python -m pytest "$@"
 rc=$?

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 from datetime import timedelta
+from functools import partial
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -37,8 +38,7 @@ def _expired(s: Session, job: Job) -> None:
             status="queued", lease_owner=None, enqueued_at=now)).rowcount:  # type: ignore[attr-defined]
         add_event(s, job.id, f"Worker lost on attempt {job.attempt} (lease expired); re-queued to resume "
                              "from the last checkpoint", level="warn")
-        job_id = job.id
-        after_commit(s, lambda: send_run_job(job_id))
+        after_commit(s, partial(send_run_job, job.id))
 
 
 def reap_once() -> dict[str, int]:
@@ -53,7 +53,7 @@ def reap_once() -> dict[str, int]:
         lost = list(s.scalars(select(Job).where(Job.status == "queued", Job.enqueued_at < stale)))
         for job in lost:
             job.enqueued_at = now
-            after_commit(s, lambda jid=job.id: send_run_job(jid))
+            after_commit(s, partial(send_run_job, job.id))
     if expired or lost:
         log.info("reaper: %d expired, %d re-sent", len(expired), len(lost))
     return {"expired": len(expired), "resent": len(lost)}

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 import time
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def prune_checkpoints(s: Session, storage: Storage, job_id: str, keep: int) -> l
     doomed = [c for c in rows[keep:] if not c.is_best]
     for c in doomed:
         s.delete(c)
-        after_commit(s, lambda key=c.storage_key: storage.delete(key))
+        after_commit(s, partial(storage.delete, c.storage_key))
     s.flush()
     return [c.id for c in doomed]
 
