@@ -35,7 +35,7 @@ def serve(
                    f"  export OPENAI_BASE_URL=http://{host}:{port}/v1 OPENAI_API_KEY={key}")
     supervisor = None
     if worker if worker is not None else settings.embedded:
-        supervisor = SupervisedWorker(worker_command("training,default,inference"))
+        supervisor = SupervisedWorker(worker_command("training,default"))
         supervisor.start()
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")

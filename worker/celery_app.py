@@ -1,5 +1,7 @@
 """Celery on Redis (or, embedded, a filesystem broker under data_dir). Job state lives in the
-database; Celery only carries job ids. No result backend."""
+database; Celery only carries job ids. No result backend. Queues: `training` (one job per worker
+process: one per GPU) and `default` (reaper, webhooks). Inference does not go through Celery: the API
+runs the engine in-process or forwards to inference workers (worker/inference_server.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ from kombu import Queue
 from app.settings import Settings, get_settings
 
 TRAINING_QUEUE = "training"
-INFERENCE_QUEUE = "inference"
 DEFAULT_QUEUE = "default"
 
 
@@ -34,10 +35,9 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=DEFAULT_QUEUE,
-        task_queues=[Queue(TRAINING_QUEUE), Queue(INFERENCE_QUEUE), Queue(DEFAULT_QUEUE)],
+        task_queues=[Queue(TRAINING_QUEUE), Queue(DEFAULT_QUEUE)],
         task_routes={
             "tunehouse.run_job": {"queue": TRAINING_QUEUE},
-            "tunehouse.predict": {"queue": INFERENCE_QUEUE},
         },
         task_serializer="json",
         accept_content=["json"],

@@ -22,7 +22,7 @@ from app.settings import get_settings
 log = logging.getLogger(__name__)
 
 JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
-QUEUES = ("training", "default", "inference")
+QUEUES = ("training", "default")
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
