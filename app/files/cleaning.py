@@ -33,9 +33,8 @@ from pydantic import Field
 from sqlalchemy.orm import Session
 
 from app.files.formats import iter_records, validate_file
-from app.files.service import InvalidFileFormat, get_file
+from app.files.service import InvalidFileFormat, get_file, store_file
 from app.jobs.schemas import CleaningIn
-from app.kit import ids
 from app.kit.errors import InvalidRequest, NotFound
 from app.kit.storage import Storage, staged_file
 from app.orm import File
@@ -397,20 +396,7 @@ def _store_cleaned(session: Session, src: File, tmp: Path, report: CleaningRepor
     checked = validate_file(tmp, "jsonl", max_line_bytes=get_settings().max_line_bytes)
     if checked.errors:  # a scrubbed record can grow past the line limit
         raise InvalidFileFormat(checked)
-    size, sha = tmp.stat().st_size, _sha256(tmp)
-    new_id = ids.file_id()
-    key = f"files/{src.project_id}/{new_id}.jsonl"
-    storage.put_file(key, tmp)
     stats = {**checked.stats(), "cleaning": {**report.as_dict(), "options": options.model_dump()},
              "source_file": src.id}
-    row = File(id=new_id, project_id=src.project_id, purpose="fine-tune",
-               filename=_cleaned_name(src.filename), bytes=size, status="processed",
-               format=checked.format.value if checked.format else None,
-               rows=checked.rows, sha256=sha, storage_key=key, stats=stats)
-    session.add(row)
-    try:
-        session.flush()
-    except BaseException:
-        storage.delete(key)
-        raise
-    return row
+    return store_file(session, storage, tmp, project_id=src.project_id, purpose="fine-tune",
+                      filename=_cleaned_name(src.filename), report=checked, sha256=_sha256(tmp), stats=stats)

@@ -4,6 +4,7 @@ Services flush; the request dependency commits."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import IO, Any, Literal
 
 from sqlalchemy import Select, or_, select
@@ -80,13 +81,22 @@ def create_file(session: Session, project_id: str, upload: Upload, storage: Stor
     """Validate the staged upload, move it into place and record it (status processed)."""
     purpose = check_purpose(upload.fields.get("purpose"))
     report = validate_upload(upload)
+    return store_file(session, storage, upload.path, project_id=project_id, purpose=purpose,
+                      filename=upload.filename or "upload", report=report, sha256=upload.sha256)
+
+
+def store_file(session: Session, storage: Storage, staged: Path, *, project_id: str, purpose: str,
+               filename: str, report: Report, sha256: str, stats: dict[str, Any] | None = None) -> File:
+    """Move a validated staged file into place (atomically) and record it; if the row can't be
+    written, the bytes go too. Services flush; the caller's boundary commits."""
     file_id = ids.file_id()
     key = f"files/{project_id}/{file_id}.{'csv' if report.kind == 'csv' else 'jsonl'}"
-    storage.put_file(key, upload.path)
+    size = staged.stat().st_size
+    storage.put_file(key, staged)
     row = File(
-        id=file_id, project_id=project_id, purpose=purpose, filename=upload.filename or "upload",
-        bytes=upload.size, status="processed", format=report.format.value if report.format else None,
-        rows=report.rows, sha256=upload.sha256, storage_key=key, stats=report.stats(),
+        id=file_id, project_id=project_id, purpose=purpose, filename=filename, bytes=size,
+        status="processed", format=report.format.value if report.format else None, rows=report.rows,
+        sha256=sha256, storage_key=key, stats=stats if stats is not None else report.stats(),
     )
     session.add(row)
     try:
