@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +23,10 @@ from tests.jobs.realdb import committed_clients, train
 from tests.worker.training import datasets as ds
 from worker.training.loading import load_for_inference
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TEXTS = ["The movie was great. I loved it.", "An awful phone. Never again.",
          "Really superb. Worth every penny."]
 WEIGHT_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".ckpt"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
