@@ -19,10 +19,11 @@ def serve(
     port: int = typer.Option(8000, help="port"),
     worker: bool = typer.Option(None, help="start a worker too (default: yes in embedded mode)"),
 ) -> None:
-    """Run the API (migrations first). Embedded mode (no TUNEHOUSE_BROKER_URL) also runs a worker."""
+    """Run the API (migrations first). Embedded mode (no TUNEHOUSE_BROKER_URL) also runs and supervises
+    a training worker, a default-queue worker and an inference worker."""
     import uvicorn
 
-    from app.server import SupervisedWorker, prepare, worker_command
+    from app.server import SupervisedWorker, embedded_children, prepare
     from app.settings import get_settings
 
     settings = get_settings()
@@ -33,15 +34,16 @@ def serve(
     if key and settings.embedded:
         typer.echo(f"API key (saved in {settings.data_dir / 'api_key'}): {key}\n"
                    f"  export OPENAI_BASE_URL=http://{host}:{port}/v1 OPENAI_API_KEY={key}")
-    supervisor = None
+    supervisors: list[SupervisedWorker] = []
     if worker if worker is not None else settings.embedded:
-        supervisor = SupervisedWorker(worker_command("training,default"))
-        supervisor.start()
+        supervisors = [SupervisedWorker(cmd) for cmd in embedded_children(settings)]
+        for sup in supervisors:
+            sup.start()
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
     finally:
-        if supervisor:
-            supervisor.stop()
+        for sup in supervisors:
+            sup.stop()
 
 
 @app.command("worker")
@@ -89,12 +91,9 @@ def keys_revoke(key_id: str) -> None:
 
 
 def main() -> None:
-    try:
-        from app.cli_user import register
+    from app.cli_user import register
 
-        register(app)
-    except ImportError:
-        pass
+    register(app)
     app()
 
 

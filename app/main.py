@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from app.files.router import router as files_router
 from app.health.router import router as health_router
 from app.inference.router import router as inference_router
-from app.inference.runtime import shutdown_engine
+from app.jobs.reaper import ReaperThread
 from app.jobs.router import router as jobs_router
 from app.kit.errors import install_error_handlers
 from app.kit.logging import configure_logging
@@ -21,15 +21,12 @@ from app.settings import Settings, get_settings
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    from worker.reaper import ReaperThread
-
     reaper = ReaperThread() if get_settings().run_reaper else None
     if reaper:
         reaper.start()
     yield
     if reaper:
         reaper.stop_event.set()
-    shutdown_engine(app)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,11 +1,14 @@
-"""Process orchestration for `tunehouse serve`: migrations, bootstrap key, the reaper, and in
-embedded mode a supervised Celery worker on the filesystem broker."""
+"""Process orchestration for `tunehouse serve`: migrations, bootstrap key, and in embedded mode the
+worker processes the API supervises: a training worker and a default-queue worker (webhooks,
+exports) on the filesystem broker, and an inference worker. The API process itself never imports
+torch: every piece of model work runs in one of those."""
 
 from __future__ import annotations
 
 import logging
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +16,7 @@ import time
 from pathlib import Path
 
 from app.auth.service import KEY_PREFIX, create_api_key, get_or_create_project
+from app.kit.broker import DEFAULT_QUEUE, TRAINING_QUEUE
 from app.kit.db import session_scope
 from app.kit.migrate import upgrade_head
 from app.settings import Settings
@@ -46,6 +50,27 @@ def worker_command(queues: str, concurrency: int = 1, pool: str = "solo") -> lis
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app:app", "worker", "-Q", queues,
             "-c", str(concurrency), "-P", pool, "--prefetch-multiplier", "1", "--without-gossip",
             "--without-mingle", "-l", "INFO", "-n", f"tunehouse-{queues.replace(',', '-')}@%h"]
+
+
+def inference_command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "worker.inference_server", "--host", host, "--port", str(port)]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def embedded_children(settings: Settings) -> list[list[str]]:
+    """The processes embedded mode supervises; points the API at its inference worker."""
+    commands = [worker_command(TRAINING_QUEUE), worker_command(DEFAULT_QUEUE)]
+    if not settings.inference_url:
+        port = free_port()
+        settings.inference_url = f"http://127.0.0.1:{port}"
+        os.environ["TUNEHOUSE_INFERENCE_URL"] = settings.inference_url  # the children read it too
+        commands.append(inference_command("127.0.0.1", port))
+    return commands
 
 
 class SupervisedWorker(threading.Thread):

@@ -29,13 +29,13 @@ import torch
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from app.inference.engine import Engine, EngineConfig
-from app.inference.loading import catalog_base_dir
+from app.inference.local import LocalInference
 from app.inference.schemas import PredictionRequest
-from app.inference.service import LocalInference
-from app.inference.types import ModelRef
 from app.kit.storage import LocalStorage
-from worker.training.interface import CheckpointInfo, Task, TrainingKind
+from app.models_registry.catalog import local_base
+from ml.config import CheckpointInfo, Task, TrainingKind
+from ml.inference.engine import Engine, EngineConfig
+from ml.inference.types import ModelRef
 
 BASE = "minilm-l6"
 LABELS = ["negative", "neutral", "positive"]
@@ -63,7 +63,7 @@ class Result:
 
 
 def build_adapters(storage: LocalStorage, count: int) -> list[str]:
-    base = catalog_base_dir(BASE)
+    base = local_base(BASE).path
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(LABELS))
     peft = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=8, lora_alpha=16,
@@ -98,8 +98,8 @@ class Case:
     """A warm engine + its own event loop; `run` adds one timed round to its totals."""
 
     def __init__(self, storage: LocalStorage, keys: list[str], max_batch: int, clients: int) -> None:
-        self.engine = Engine(EngineConfig(max_batch_size=max_batch, max_wait_ms=5.0, max_adapters=32,
-                                          device="cpu"), storage=storage)
+        self.engine = Engine(EngineConfig(max_batch_size=max_batch, max_wait_ms=5.0, max_adapters=32, device="cpu"),
+                             base_dir=lambda base: local_base(base).path, storage=storage)
         self.svc = LocalInference(self.engine, timeout_s=300)
         self.refs = [ModelRef(name=k, storage_key=k, task="classification") for k in keys]
         self.clients = clients

@@ -5,7 +5,7 @@ rate, LoRA config and max length, on the same machine, one after the other:
 
   (a) direct: `transformers.Trainer` with inputs tokenized `padding="max_length"`, as tutorials do;
   (b) service: a real job created through the HTTP API (upload + create), then
-      `worker.runner.run_job` on it: claim, lease + heartbeat, `build_recipe`, events, progress,
+      `app.jobs.runner.run_job` on it: claim, lease + heartbeat, `build_recipe`, events, progress,
       checkpoints, final model registration.
 
 Tokens are real (non-pad) tokens for both. Reports tokens/s of each training loop and end to end,
@@ -208,8 +208,8 @@ SERVICE_TIMERS = Timers()
 @cache
 def instrument(timers: Timers) -> None:
     """Time the recipe's phases and the runner's hooks (once per process)."""
+    from ml.training.recipe import TrainingRecipe
     from worker import runner
-    from worker.training.recipe import TrainingRecipe
 
     timers.wrap(TrainingRecipe, "setup", "setup")
     timers.wrap(TrainingRecipe, "train", "train")
@@ -236,7 +236,7 @@ def job_timeline(job_id: str) -> dict[str, float]:
 
 
 def run_service(args: Args, train_file: Path) -> dict[str, float]:
-    from worker.runner import run_job
+    from app.jobs.runner import run_job
 
     timers = SERVICE_TIMERS
     instrument(timers)

@@ -13,8 +13,8 @@ PYTHON=${PYTHON:-python3}
 python -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -e ".[dev]"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -m ruff check app worker tests bench migrations
-python -m mypy app worker
+python -m ruff check app ml worker tests bench migrations
+python -m mypy app ml worker
 set +e
 python -m pytest "$@"
 rc=$?

@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from app.inference.engine import Engine
+from app.inference.local import LocalInference, make_engine
 from app.inference.remote import INTERNAL_PREFIX, EvictRequest, ForwardRequest
 from app.inference.schemas import (
     ChatCompletion,
@@ -27,10 +27,10 @@ from app.inference.schemas import (
     PredictionList,
     PredictionRequest,
 )
-from app.inference.service import LocalInference
 from app.kit.errors import InvalidRequest, install_error_handlers
 from app.kit.logging import configure_logging
 from app.settings import get_settings
+from ml.inference.engine import Engine
 
 M = TypeVar("M", bound=BaseModel)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -46,7 +46,7 @@ def create_app(engine: Engine | None = None) -> FastAPI:
         app.state.inference.engine.close()
 
     app = FastAPI(title="tunehouse inference worker", lifespan=lifespan)
-    app.state.inference = LocalInference(engine or Engine(), settings.inference_timeout_seconds)
+    app.state.inference = LocalInference(engine or make_engine(settings), settings.inference_timeout_seconds)
     install_error_handlers(app)
     _routes(app)
     return app

@@ -1,4 +1,5 @@
-"""Celery task wrappers: thin, pass ids. The task id is the job id."""
+"""Celery tasks: the worker processes' entry points. Thin wrappers that take ids and call the
+domain code, which owns its transactions."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import os
 import socket
 import uuid
 
-from worker import reaper, runner
-from worker.celery_app import get_celery
+from app.jobs import runner
+from app.kit.broker import RUN_JOB_TASK, get_celery
+from app.webhooks.service import TASK_NAME as WEBHOOK_TASK
+from app.webhooks.service import Delivery, deliver, send_delivery
 
 celery = get_celery()
 
@@ -17,11 +20,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-@celery.task(name="tunehouse.run_job", acks_late=True, reject_on_worker_lost=True)
+@celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str) -> str:
     return runner.run_job(job_id, worker_id())
 
 
-@celery.task(name="tunehouse.reap")
-def reap() -> dict[str, int]:
-    return reaper.reap_once()
+@celery.task(name=WEBHOOK_TASK, acks_late=True)
+def deliver_webhook(job_id: str, url: str, event_id: str, body: str, attempt: int = 1) -> str:
+    delivery = Delivery(job_id, url, event_id, body, attempt)
+    retry_in = deliver(delivery)
+    if retry_in is None:
+        return "done"
+    send_delivery(delivery.next(), countdown=retry_in)
+    return f"retry in {retry_in:.0f}s"

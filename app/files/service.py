@@ -10,7 +10,6 @@ from typing import IO, Any, Literal
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
-from app.files.formats import Report, kind_from_name, sniff_kind, validate_file
 from app.files.upload import Upload
 from app.kit import ids
 from app.kit.db import after_commit, utcnow
@@ -19,6 +18,7 @@ from app.kit.pagination import check_limit
 from app.kit.storage import Storage
 from app.orm import File, Job
 from app.settings import get_settings
+from ml.data.formats import Report, kind_from_name, sniff_kind, validate_file
 
 log = logging.getLogger(__name__)
 

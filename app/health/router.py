@@ -4,8 +4,8 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
+from app.kit.broker import broker_ok
 from app.kit.db import get_engine
-from worker.celery_app import broker_ok
 
 router = APIRouter(tags=["health"])
 

@@ -1,5 +1,6 @@
-"""API side of split mode (`inference_url` set): the resolved request goes to the inference
-worker (`worker/inference_server.py`), whose errors and SSE streams are relayed unchanged."""
+"""The API's way to inference: the resolved request goes to an inference worker
+(`worker/inference_server.py`, supervised by `tunehouse serve` in embedded mode), whose errors and
+SSE streams are relayed unchanged. The API process never loads a model itself."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from app.inference.schemas import (
     PredictionList,
     PredictionRequest,
 )
-from app.inference.types import GatewayTimeout, ModelRef
-from app.kit.errors import ServiceUnavailable, TunehouseError
+from app.kit.errors import GatewayTimeout, ServiceUnavailable, TunehouseError
+from ml.inference.types import ModelRef
 
 INTERNAL_PREFIX = "/internal/v1"
 M = TypeVar("M", bound=BaseModel)

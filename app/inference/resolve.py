@@ -7,9 +7,9 @@ from __future__ import annotations
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from app.inference.types import ModelRef
 from app.kit.errors import Conflict, NotFound
 from app.orm import Checkpoint, FineTunedModel, Job
+from ml.inference.types import ModelRef
 
 
 class ModelDeleted(NotFound):

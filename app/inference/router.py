@@ -23,8 +23,8 @@ from app.inference.schemas import (
     PredictionRequest,
 )
 from app.inference.service import Inference, check_task
-from app.inference.types import GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
 from app.kit.deps import DB, CurrentProject
+from ml.inference.types import GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])

@@ -104,7 +104,7 @@ def _fingerprint(ckpt: Path) -> str:
 
 
 def _merge_into(ckpt: Path, base_dir: Path, out: Path) -> None:
-    from worker.training.modeling import (
+    from ml.modeling import (
         load_adapter,
         load_task_model,
         load_tokenizer,

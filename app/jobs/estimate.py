@@ -2,7 +2,7 @@
 `estimated_finish` at job creation).
 
 Tokens: the stored files are tokenized with the base model's own tokenizer exactly the way the
-trainer builds its examples (`worker.training.data.token_lengths`: chat template, eos, truncation at
+trainer builds its examples (`ml.training.data.token_lengths`: chat template, eos, truncation at
 max_seq_length, text windows), streaming over the records. Files above a row limit are estimated
 from evenly spaced sample rows (JSONL: seeks, so a big file costs no more than a small one) and
 scaled by the file's row count. Counts are cached in `File.stats["token_counts"]`.
@@ -30,12 +30,12 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.files.formats import BOM, iter_records, normalize
 from app.kit.db import utcnow
 from app.kit.storage import Storage
 from app.models_registry.catalog import base_model_path, get_spec
 from app.orm import File, Job, JobEvent
-from worker.training.interface import RecipeConfig, Task, TrainingKind
+from ml.config import RecipeConfig, Task, TrainingKind
+from ml.data.formats import BOM, iter_records, normalize
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -96,7 +96,7 @@ class TokenCount:
 @lru_cache(maxsize=8)
 def base_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
     """The catalog base model's tokenizer, from its local directory (never the network)."""
-    from worker.training.modeling import load_tokenizer
+    from ml.modeling import load_tokenizer
 
     return load_tokenizer(base_model_path(get_spec(model_id)))
 
@@ -133,7 +133,7 @@ def _chunks(records: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]
 
 
 def count_file_tokens(path: Path, kind: str, rows: int, cfg: RecipeConfig, limit: int) -> TokenCount:
-    from worker.training.data import token_lengths
+    from ml.training.data import token_lengths
 
     spec = get_spec(cfg.base_model)
     tok = base_tokenizer(spec.id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from app.models_registry.catalog import BaseModelSpec
-from worker.training.interface import TrainingKind
+from ml.config import TrainingKind
 
 MIN_TARGET_EXAMPLES = 100  # aim for at least this many example-passes ...
 MAX_TARGET_EXAMPLES = 25_000  # ... and at most this many

@@ -7,16 +7,15 @@ import logging
 
 from sqlalchemy.orm import Session
 
+from app.kit.broker import RUN_JOB_TASK, get_celery
 from app.kit.db import after_commit
 
 log = logging.getLogger(__name__)
 
 
 def send_run_job(job_id: str) -> None:
-    from worker.celery_app import get_celery
-
     try:
-        get_celery().send_task("tunehouse.run_job", args=[job_id], task_id=job_id)
+        get_celery().send_task(RUN_JOB_TASK, args=[job_id], task_id=job_id)
     except Exception:  # the reaper re-enqueues queued jobs whose message was lost
         log.exception("could not enqueue job; the reaper will retry", extra={"job_id": job_id})
 

@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from worker.training.interface import Task, TrainingKind
+from ml.config import Task, TrainingKind
+from ml.data.cleaning import CleaningIn
 
 Auto = Literal["auto"]
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
@@ -74,15 +75,6 @@ class EarlyStoppingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     patience: int = Field(3, ge=1, le=100)
     min_delta: float = Field(0.0, ge=0.0)
-
-
-class CleaningIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dedupe: bool = False
-    near_dedupe: bool = False
-    drop_empty: bool = True
-    max_chars: int | None = Field(None, ge=1)
-    scrub_pii: bool = False
 
 
 class JobCreate(BaseModel):

@@ -14,10 +14,10 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.files.formats import TASK_FORMATS, Format
 from app.files.service import get_file
 from app.jobs import hyperparams
 from app.jobs.estimate import EstimateOut, estimate, estimate_for_new_job
+from app.jobs.events import add_event
 from app.jobs.queue import enqueue_job
 from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
 from app.kit import ids
@@ -29,22 +29,13 @@ from app.models_registry.catalog import check_supports, get_spec
 from app.orm import Checkpoint, File, FineTunedModel, Job, JobEvent, Project
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal
-from worker.training.interface import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
+from ml.config import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
+from ml.data.formats import TASK_FORMATS, Format
 
 log = logging.getLogger(__name__)
 
 ACTIVE = ("validating_files", "queued", "running", "paused")
 TERMINAL = ("succeeded", "failed", "cancelled")
-
-
-# --- events ---------------------------------------------------------------------------------
-
-def add_event(session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message",
-              data: dict[str, Any] | None = None) -> JobEvent:
-    event = JobEvent(id=ids.event_id(), job_id=job_id, level=level, type=type, message=message, data=data)
-    session.add(event)
-    session.flush()
-    return event
 
 
 # --- lookups --------------------------------------------------------------------------------

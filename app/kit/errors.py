@@ -1,4 +1,5 @@
-"""One error hierarchy, rendered in the OpenAI shape by one handler."""
+"""One error hierarchy, rendered in the OpenAI shape by one handler. The torch library's own errors
+(`ml.errors`, which knows nothing of HTTP) are rendered through it too: an `InputError` is a 400."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ml.errors import InputError, MLError
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,24 @@ class ServiceUnavailable(TunehouseError):
     code = "service_unavailable"
 
 
+class GatewayTimeout(TunehouseError):
+    status_code = 504
+    type = "server_error"
+    code = "timeout"
+
+
+def as_tunehouse_error(exc: BaseException, fallback: str) -> TunehouseError:
+    """The error a client sees: ours as is, the library's mapped (input -> 400), anything else a
+    generic 500 that leaks no internals."""
+    if isinstance(exc, TunehouseError):
+        return exc
+    if isinstance(exc, InputError):
+        return InvalidRequest(exc.message, param=exc.param, code=exc.code)
+    if isinstance(exc, MLError):
+        return TunehouseError(exc.message, code=exc.code)
+    return TunehouseError(fallback)
+
+
 _PRIMITIVES = {"int", "float", "str", "bool", "list", "dict", "none", "literal"}
 
 
@@ -97,6 +118,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(TunehouseError)
     async def _tunehouse(_: Request, exc: TunehouseError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status_code)
+
+    @app.exception_handler(MLError)
+    async def _ml(_: Request, exc: MLError) -> JSONResponse:
+        err = as_tunehouse_error(exc, "")
+        return JSONResponse(err.body(), status_code=err.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -1,34 +1,19 @@
-"""Base-model catalog (a JSON config file) and where each base model's weights live locally.
-Nothing is ever downloaded: sources are a Python package that ships weights, a model built
-locally from a config (`builtin:`), or a local directory (`path:`)."""
+"""The base-model catalog (a JSON config file, `settings.catalog_path`): which base models this
+service offers, and for which tasks and training types. Specs and local paths are `ml.models.base`."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import threading
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from app.kit.errors import InvalidRequest, NotFound
 from app.settings import get_settings
+from ml.models.base import BaseModelSpec, LocalBase, local_path
 
 BUNDLED_CATALOG = Path(__file__).with_name("catalog.json")
-_build_lock = threading.Lock()
 
-
-class BaseModelSpec(BaseModel):
-    id: str
-    description: str = ""
-    source: str
-    architecture: str  # encoder | decoder
-    tasks: list[str]
-    training_types: list[str]
-    max_seq_length: int = 512
-    lora_target_modules: list[str] = []
-    learning_rate_scale: float = 1.0  # tiny randomly initialised models want larger steps
+__all__ = ["BaseModelSpec", "base_model_path", "check_supports", "get_spec", "load_catalog", "local_base"]
 
 
 @lru_cache
@@ -58,18 +43,9 @@ def check_supports(spec: BaseModelSpec, task: str, training_type: str) -> None:
 
 def base_model_path(spec: BaseModelSpec) -> Path:
     """Local directory with config, tokenizer and safetensors weights for a base model."""
-    kind, _, ref = spec.source.partition(":")
-    if kind == "package":
-        module = importlib.import_module(ref)
-        return Path(module.get_model_path())
-    if kind == "path":
-        return Path(ref)
-    if kind == "builtin":
-        dst = get_settings().data_dir.resolve() / "base_models" / spec.id
-        with _build_lock:
-            if not (dst / "config.json").exists():
-                from app.models_registry.builtin import build
+    return local_path(spec, get_settings().data_dir)
 
-                build(ref, dst)
-        return dst
-    raise ValueError(f"unknown model source {spec.source!r}")
+
+def local_base(model_id: str) -> LocalBase:
+    spec = get_spec(model_id)
+    return LocalBase(spec, base_model_path(spec))

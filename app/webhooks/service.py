@@ -25,7 +25,9 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.jobs.events import add_event
 from app.kit import ids
+from app.kit.broker import DEFAULT_QUEUE, get_celery
 from app.kit.db import after_commit, session_scope
 from app.orm import Job
 from app.settings import get_settings
@@ -123,8 +125,6 @@ def notify_terminal(session: Session, job_id: str) -> None:
 
 
 def send_delivery(delivery: Delivery, countdown: float | None = None) -> None:
-    from worker.celery_app import DEFAULT_QUEUE, get_celery
-
     try:
         get_celery().send_task(TASK_NAME, kwargs=asdict(delivery), queue=DEFAULT_QUEUE, countdown=countdown)
     except Exception:
@@ -149,8 +149,6 @@ def _post(delivery: Delivery, secret: str) -> tuple[int | None, str | None]:
 
 
 def _record(delivery: Delivery, status: int | None, error: str | None, retry_in: float | None) -> None:
-    from app.jobs.service import add_event
-
     host = urlsplit(delivery.url).netloc
     outcome = f"HTTP {status}" if status is not None else (error or "no response")
     ok = status is not None and 200 <= status < 300

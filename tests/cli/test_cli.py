@@ -14,7 +14,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.cli_user import parse_sse, sparkline
-from app.jobs.service import add_event
+from app.jobs.events import add_event
 from app.kit import ids
 from app.orm import Checkpoint, Job
 from tests.cli.conftest import Cli

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.e2e.conftest import Proc, wait_for
 from tests.e2e.data import chat_rows, write_jsonl
-from tests.worker.training.datasets import sentiment_rows
+from tests.ml.training.datasets import sentiment_rows
 
 pytestmark = pytest.mark.slow
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -122,12 +122,12 @@ def test_early_stopping_then_from_checkpoint(live_server: str, api_key: str, tmp
 
 def test_repeated_pauses_do_not_use_up_attempts(committed_db: sessionmaker[Session], tmp_path: Path) -> None:
     """More pauses than max_attempts, then the job still finishes (a pause is not a lost worker).
-    In-process worker (worker.runner.run_job); a thread pauses the job once it is training."""
+    In-process worker (app.jobs.runner.run_job); a thread pauses the job once it is training."""
     import threading
     import time
 
+    from app.jobs.runner import run_job
     from tests.jobs.realdb import committed_clients, job_body, upload
-    from worker.runner import run_job
 
     client = committed_clients(committed_db, "pauses")[0]
     body = job_body(upload(client, chat_rows(40)), "causal_lm", "lora", 2e-2,

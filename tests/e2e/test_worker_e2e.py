@@ -134,7 +134,7 @@ def test_cancel_stops_running_job_and_duplicates_do_nothing(live_server: str, ap
     start_worker()
     wait_for(lambda: list(client.fine_tuning.jobs.checkpoints.list(job_id)), 240, "a checkpoint")
     # A duplicate delivery of the same task while it runs: claimed by nobody, runs nothing.
-    from worker.celery_app import get_celery
+    from app.kit.broker import get_celery
 
     get_celery().send_task("tunehouse.run_job", args=[job_id], task_id=job_id)
     client.fine_tuning.jobs.cancel(job_id)

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from app.files.cleaning import CleaningOptions, clean_records, scrub
-from app.files.formats import normalize
+from ml.data.cleaning import CleaningOptions, clean_records, scrub
+from ml.data.formats import normalize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -137,7 +137,7 @@ def test_scrub_then_dedupe_and_report_shape() -> None:
 
 def test_near_dedupe_is_deterministic_across_processes() -> None:
     """A resumed job re-cleans its data in a new process: the kept rows must not depend on hash seeds."""
-    script = ("import json,random;from app.files.cleaning import clean_records,CleaningOptions;"
+    script = ("import json,random;from ml.data.cleaning import clean_records,CleaningOptions;"
               "r=random.Random(1);w=[''.join(r.choice('abcdefgh') for _ in range(5)) for _ in range(40)];"
               "t=[' '.join(r.choice(w) for _ in range(12)) for _ in range(300)];"
               "t+=[x.replace(x.split()[2],'zz') for x in t[:100]];"

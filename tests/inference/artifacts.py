@@ -18,11 +18,11 @@ from transformers import (
     AutoTokenizer,
 )
 
-from app.inference.loading import catalog_base_dir
 from app.kit import ids
 from app.kit.storage import get_storage
+from app.models_registry.catalog import local_base
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
-from worker.training.interface import CheckpointInfo, Task, TrainingKind
+from ml.config import CheckpointInfo, Task, TrainingKind
 
 ENCODER = "minilm-l6"
 DECODER = "tiny-lm"
@@ -30,7 +30,7 @@ LABELS = ["negative", "neutral", "positive"]
 
 
 def base_dir(base: str) -> Path:
-    return catalog_base_dir(base)
+    return local_base(base).path
 
 
 def new_key(kind: str) -> str:

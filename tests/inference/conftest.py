@@ -10,9 +10,11 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.inference.engine import Engine, EngineConfig
+from app.inference.local import LocalInference, make_engine
 from app.inference.router import router as inference_router
 from app.main import create_app
+from app.settings import get_settings
+from ml.inference.engine import Engine, EngineConfig
 from tests.inference import artifacts
 
 
@@ -43,8 +45,9 @@ def arts() -> Artifacts:
 
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
-    eng = Engine(EngineConfig(max_batch_size=16, max_wait_ms=2.0, max_adapters=16, max_bases=4,
-                              max_full_models=2, max_input_tokens=64, max_new_tokens=32))
+    eng = make_engine(get_settings(), EngineConfig(max_batch_size=16, max_wait_ms=2.0, max_adapters=16,
+                                                   max_bases=4, max_full_models=2, max_input_tokens=64,
+                                                   max_new_tokens=32))
     yield eng
     eng.close()
 
@@ -55,5 +58,5 @@ def app(session_factory: sessionmaker[Session], engine: Engine) -> FastAPI:
     if not any(getattr(r, "path", "") == "/v1/chat/completions" for r in application.routes):
         application.include_router(inference_router, prefix="/v1")
     application.state.sessionmaker = session_factory
-    application.state.inference_engine = engine
+    application.state.inference = LocalInference(engine, get_settings().inference_timeout_seconds)
     return application

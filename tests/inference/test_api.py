@@ -11,9 +11,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.inference.engine import Engine
 from app.kit.db import utcnow
 from app.orm import FineTunedModel, Project
+from ml.inference.engine import Engine
 from tests.inference import artifacts
 from tests.inference.artifacts import DECODER, ENCODER, LABELS, register
 from tests.inference.conftest import Artifacts

@@ -8,10 +8,12 @@ from typing import Any
 
 import pytest
 
-from app.inference.engine import Engine, EngineConfig
-from app.inference.loading import ModelMeta
-from app.inference.sampling import RowParams
-from app.inference.types import ModelRef
+from app.inference.local import make_engine
+from app.settings import get_settings
+from ml.inference.engine import Engine, EngineConfig
+from ml.inference.loading import ModelMeta
+from ml.inference.sampling import RowParams
+from ml.inference.types import ModelRef
 from tests.inference import artifacts
 from tests.inference.conftest import Artifacts
 
@@ -46,7 +48,7 @@ def _close(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 @pytest.fixture
 def batching_engine() -> Any:
-    eng = Engine(EngineConfig(max_batch_size=16, max_wait_ms=300.0, max_adapters=8, max_bases=2))
+    eng = make_engine(get_settings(), EngineConfig(max_batch_size=16, max_wait_ms=300.0, max_adapters=8, max_bases=2))
     yield eng
     eng.close()
 
@@ -117,7 +119,7 @@ def test_mixed_generation_batch_matches_alone(batching_engine: Engine, arts: Art
 
 
 def test_loading_an_adapter_twice_is_a_noop(arts: Artifacts) -> None:
-    eng = Engine(EngineConfig(max_adapters=4))
+    eng = make_engine(get_settings(), EngineConfig(max_adapters=4))
     try:
         run(_predict(eng, arts.cls_a, ["x"]))
         run(_predict(eng, arts.cls_a, ["y"]))
@@ -130,7 +132,7 @@ def test_loading_an_adapter_twice_is_a_noop(arts: Artifacts) -> None:
 
 
 def test_adapter_eviction_deletes_the_adapter(arts: Artifacts) -> None:
-    eng = Engine(EngineConfig(max_adapters=2, max_bases=1))
+    eng = make_engine(get_settings(), EngineConfig(max_adapters=2, max_bases=1))
     try:
         for key in (arts.cls_a, arts.cls_b):
             run(_predict(eng, key, ["hello"]))

@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.inference import runtime
-from app.inference.engine import Engine
 from app.orm import Project
+from ml.inference.engine import Engine
 from tests.inference.artifacts import DECODER, ENCODER, LABELS, register
 from tests.inference.conftest import Artifacts
 from worker import inference_server

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from app.inference.loading import Tok
-from app.inference.sampling import GenEvent, RowDecoder, RowParams, make_generator, sample_token
+from ml.inference.loading import Tok
+from ml.inference.sampling import GenEvent, RowDecoder, RowParams, make_generator, sample_token
 
 PIECES = {1: "Hel", 2: "lo", 3: " wor", 4: "ld", 5: "\n", 6: "EN", 7: "D", 9: "<eos>"}
 

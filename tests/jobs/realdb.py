@@ -1,4 +1,4 @@
-"""Helpers for tests that train for real in this process (`worker.runner.run_job`): an app bound to
+"""Helpers for tests that train for real in this process (`app.jobs.runner.run_job`): an app bound to
 the committed database (use with the `committed_db` fixture), uploads and a train-and-wait call."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import create_api_key, get_or_create_project
+from app.jobs.runner import run_job
 from app.main import create_app
-from worker.runner import run_job
 
 
 def committed_clients(factory: sessionmaker[Session], *projects: str) -> list[TestClient]:

@@ -1,6 +1,6 @@
-"""Weights download: jobs trained for real (worker.runner.run_job on the committed database), each
+"""Weights download: jobs trained for real (app.jobs.runner.run_job on the committed database), each
 format downloaded over HTTP, extracted, loaded with plain transformers / peft and compared with
-`worker.training.loading.load_for_inference` (and /v1/predictions when the app serves it)."""
+`ml.training.loading.load_for_inference` (and /v1/predictions when the app serves it)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from app.kit.storage import get_storage
 from app.models_registry.catalog import base_model_path, get_spec
+from ml.training.loading import load_for_inference
 from tests.jobs.realdb import committed_clients, train
-from tests.worker.training import datasets as ds
-from worker.training.loading import load_for_inference
+from tests.ml.training import datasets as ds
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 TEXTS = ["The movie was great. I loved it.", "An awful phone. Never again.",

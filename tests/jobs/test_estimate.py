@@ -11,15 +11,15 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.files.formats import normalize
 from app.jobs import estimate as E
 from app.kit import ids
 from app.kit.db import utcnow
 from app.orm import File, Job, JobEvent, Project
+from ml.config import Task
+from ml.data.formats import normalize
+from ml.training.data import token_lengths
 from tests.e2e.data import chat_rows
-from tests.worker.training import datasets as ds
-from worker.training.data import token_lengths
-from worker.training.interface import Task
+from tests.ml.training import datasets as ds
 
 
 def _upload(client: TestClient, rows: list[dict[str, Any]], name: str = "t.jsonl") -> str:

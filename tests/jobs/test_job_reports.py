@@ -1,4 +1,4 @@
-"""Jobs run for real by `worker.runner.run_job`: the evaluation report on the job object and in the
+"""Jobs run for real by `app.jobs.runner.run_job`: the evaluation report on the job object and in the
 events, the cleaning report event, and the estimate against what the job then trained."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tests.e2e.data import chat_rows
 from tests.jobs.realdb import committed_clients, job_body, train, upload
-from tests.worker.training import datasets as ds
+from tests.ml.training import datasets as ds
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -47,7 +47,7 @@ def test_evaluation_and_cleaning_reports(client: TestClient) -> None:
 
 
 def test_report_failure_does_not_fail_the_job(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.evaluation as ev
+    import ml.evaluation as ev
 
     def broken(recipe: Any, validation_file: str | None) -> Any:
         raise RuntimeError("no memory left")
@@ -71,7 +71,7 @@ def test_estimate_matches_what_the_job_trained(client: TestClient) -> None:
     est = client.post("/v1/fine_tuning/estimate", json=body).json()
     created = client.post("/v1/fine_tuning/jobs", json=body).json()
     assert created["estimated_finish"] is not None
-    from worker.runner import run_job
+    from app.jobs.runner import run_job
 
     assert run_job(created["id"], "w") == "succeeded"
     job = client.get(f"/v1/fine_tuning/jobs/{created['id']}").json()

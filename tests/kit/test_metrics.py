@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.jobs.service import add_event
+from app.jobs.events import add_event
 from app.kit import ids
 from app.kit.metrics import install_metrics
 from app.orm import Job, Project

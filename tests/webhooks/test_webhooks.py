@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.kit import ids
 from app.orm import Job, JobEvent, Project
 from app.settings import get_settings
-from app.webhooks import service, tasks
+from app.webhooks import service
 from app.webhooks.service import Delivery, backoff_seconds, build_event, notify_terminal, sign, verify
 from tests.jobs.factories import make_file
-from tests.worker.factories import committed_job
+from tests.jobs.worker_factories import committed_job
+from worker import tasks
 
 SECRET = "test-secret"
 
@@ -236,14 +237,14 @@ def test_unreachable_receiver_is_retried(committed_db: sessionmaker[Session], se
 
 
 def test_task_is_registered() -> None:
-    from worker.celery_app import get_celery
+    from app.kit.broker import get_celery
 
     assert service.TASK_NAME in get_celery().tasks
     assert tasks.deliver_webhook.name == "tunehouse.deliver_webhook"
 
 
 def test_send_delivery_targets_the_default_queue(monkeypatch: pytest.MonkeyPatch) -> None:
-    from worker.celery_app import get_celery
+    from app.kit.broker import get_celery
 
     calls: list[tuple[str, dict[str, Any]]] = []
     monkeypatch.setattr(get_celery(), "send_task", lambda name, **kw: calls.append((name, kw)))

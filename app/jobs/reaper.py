@@ -1,0 +1,75 @@
+"""The reaper: re-queues jobs whose worker died (lease expired) so they resume from their last
+checkpoint, fails them after `max_attempts`, and re-sends queued jobs whose broker message was
+lost (e.g. a Redis restart). Safe to run anywhere, any number of times: updates are conditional."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from functools import partial
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.jobs.events import add_event
+from app.jobs.queue import send_run_job
+from app.kit.db import after_commit, session_scope, utcnow
+from app.orm import Job
+from app.settings import get_settings
+from app.webhooks.service import notify_terminal
+
+log = logging.getLogger(__name__)
+
+
+def _expired(s: Session, job: Job) -> None:
+    now = utcnow()
+    cond = (Job.id == job.id, Job.status == "running", Job.lease_expires_at < now)
+    if job.attempt >= job.max_attempts:
+        msg = (f"The worker running this job stopped responding on {job.attempt} attempts; giving up "
+               f"(max_attempts={job.max_attempts}).")
+        if s.execute(update(Job).where(*cond).values(
+                status="failed", finished_at=now, lease_owner=None,
+                error={"code": "worker_lost", "message": msg, "param": None})).rowcount:  # type: ignore[attr-defined]
+            add_event(s, job.id, msg, level="error")
+            notify_terminal(s, job.id)
+        return
+    if s.execute(update(Job).where(*cond).values(
+            status="queued", lease_owner=None, enqueued_at=now)).rowcount:  # type: ignore[attr-defined]
+        add_event(s, job.id, f"Worker lost on attempt {job.attempt} (lease expired); re-queued to resume "
+                             "from the last checkpoint", level="warn")
+        after_commit(s, partial(send_run_job, job.id))
+
+
+def reap_once() -> dict[str, int]:
+    settings = get_settings()
+    now = utcnow()
+    stale = now - timedelta(seconds=max(settings.reaper_interval_seconds * 2, 30))
+    with session_scope() as s:
+        expired = list(s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)))
+        for job in expired:
+            _expired(s, job)
+        # Queued but never claimed for a while: the message may be gone. Duplicates are no-ops.
+        lost = list(s.scalars(select(Job).where(Job.status == "queued", Job.enqueued_at < stale)))
+        for job in lost:
+            job.enqueued_at = now
+            after_commit(s, partial(send_run_job, job.id))
+    if expired or lost:
+        log.info("reaper: %d expired, %d re-sent", len(expired), len(lost))
+    return {"expired": len(expired), "resent": len(lost)}
+
+
+class ReaperThread(threading.Thread):
+    """Runs the reaper in-process (API server, embedded mode)."""
+
+    def __init__(self, interval: float | None = None) -> None:
+        super().__init__(name="reaper", daemon=True)
+        self.interval = interval or get_settings().reaper_interval_seconds
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.interval):
+            try:
+                reap_once()
+            except Exception:
+                log.exception("reaper pass failed")

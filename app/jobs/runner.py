@@ -1,0 +1,271 @@
+"""Runs one fine-tuning job: claim, resume from the last checkpoint, train under a lease, then
+register the model. Every write that settles the job's fate is conditional on still holding the
+lease, so a worker that lost its job (cancelled, reaped) can never overwrite the outcome."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import shutil
+import tempfile
+import time
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.jobs.events import add_event
+from app.jobs.lease import Claim, Heartbeat, claim, owned
+from app.jobs.service import fine_tuned_model_name
+from app.kit import ids
+from app.kit.db import after_commit, session_scope, utcnow
+from app.kit.storage import Storage, get_storage
+from app.models_registry.catalog import local_base
+from app.orm import Checkpoint, File, FineTunedModel, Job, Project
+from app.settings import get_settings
+from app.webhooks.service import notify_terminal
+from ml.config import CheckpointInfo, EventLevel, Interrupt, RecipeConfig, TrainOutcome
+
+log = logging.getLogger(__name__)
+
+
+class JobHooks:
+    """The runner's side of the recipe contract: events, progress and checkpoints in the DB."""
+
+    def __init__(self, claim: Claim, hb: Heartbeat, job: Job, ft_name: str, storage: Storage) -> None:
+        self.claim, self.hb, self.storage = claim, hb, storage
+        self.job_id, self.project_id, self.ft_name = job.id, job.project_id, ft_name
+        self.metric_rows: list[dict[str, Any]] = []
+        self._last_progress = 0.0
+        self._started = time.monotonic()
+
+    def message(self, text: str, level: EventLevel = "info", data: dict[str, Any] | None = None) -> None:
+        with session_scope() as s:
+            add_event(s, self.job_id, text, level=level, data=data)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in values.items()}}
+        self.metric_rows.append(row)
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "epoch")
+        with session_scope() as s:
+            add_event(s, self.job_id, f"Step {step}: {shown}", type="metrics", data=row)
+
+    def progress(self, step: int, total_steps: int, epoch: float, trained_tokens: int) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < 2.0 and step < total_steps:
+            return
+        self._last_progress = now
+        elapsed = now - self._started
+        eta = elapsed / step * (total_steps - step) if step else None
+        values: dict[str, Any] = {
+            "progress": {"step": step, "total_steps": total_steps, "epoch": round(epoch, 4),
+                         "eta_seconds": round(eta, 1) if eta is not None else None},
+            "trained_tokens": trained_tokens,
+        }
+        if eta is not None:
+            values["estimated_finish"] = utcnow() + timedelta(seconds=eta)
+        with session_scope() as s:
+            s.execute(update(Job).where(Job.id == self.job_id, Job.lease_owner == self.claim.worker_id,
+                                        Job.status == "running").values(**values))
+
+    def interrupted(self) -> Interrupt | None:
+        return self.hb.interrupt
+
+    def checkpoint(self, local_dir: Path, info: CheckpointInfo) -> None:
+        key = f"jobs/{self.job_id}/checkpoints/step-{info.step:08d}"
+        self.storage.put_dir(key, local_dir)
+        with session_scope() as s:
+            if not owned(s.get(Job, self.job_id), self.claim.worker_id):
+                return
+            row = s.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id,
+                                                    Checkpoint.step == info.step))
+            if row is None:
+                row = Checkpoint(id=ids.checkpoint_id(), job_id=self.job_id, project_id=self.project_id,
+                                 step=info.step, storage_key=key,
+                                 fine_tuned_model_checkpoint=f"{self.ft_name}:ckpt-step-{info.step}")
+                s.add(row)
+            row.epoch, row.metrics = info.epoch, dict(info.metrics)
+            s.flush()
+            _mark_best(s, self.job_id)
+            add_event(s, self.job_id, f"Checkpoint saved at step {info.step} (epoch {info.epoch:.2f})",
+                      data={"checkpoint": row.id, "step": info.step, "metrics": info.metrics})
+            prune_checkpoints(s, self.storage, self.job_id, get_settings().keep_checkpoints)
+
+
+def prune_checkpoints(s: Session, storage: Storage, job_id: str, keep: int) -> list[str]:
+    """Keep the newest `keep` checkpoints (resume needs the latest) plus the best; 0 keeps all.
+    Weights are deleted only once the rows' deletion is committed."""
+    if keep <= 0:
+        return []
+    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())))
+    doomed = [c for c in rows[keep:] if not c.is_best]
+    for c in doomed:
+        s.delete(c)
+        after_commit(s, partial(storage.delete, c.storage_key))
+    s.flush()
+    return [c.id for c in doomed]
+
+
+def _mark_best(s: Any, job_id: str) -> None:
+    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
+    def score(c: Checkpoint) -> float:
+        return float(c.metrics.get("valid_loss", c.metrics.get("train_loss", float("inf"))))
+    best = min(rows, key=score, default=None)
+    for c in rows:
+        c.is_best = c is best
+
+
+# --- the job --------------------------------------------------------------------------------
+
+def run_job(job_id: str, worker_id: str) -> str:
+    """Entry point of the Celery task. Returns what happened (for logs and tests)."""
+    got = claim(job_id, worker_id)
+    if got is None:
+        log.info("nothing to claim (duplicate delivery or finished job)", extra={"job_id": job_id})
+        return "skipped"
+    with Heartbeat(got) as hb:
+        try:
+            return _execute(got, hb)
+        except Exception as exc:
+            log.exception("job failed", extra={"job_id": job_id})
+            _fail(got, exc)
+            return "failed"
+
+
+def _load(job_id: str) -> tuple[Job, RecipeConfig, str, Checkpoint | None]:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        project = s.get(Project, job.project_id)
+        assert project is not None
+        latest = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
+                          .order_by(Checkpoint.step.desc()).limit(1))
+        s.expunge_all()
+    return job, RecipeConfig.model_validate(job.config), fine_tuned_model_name(job, project), latest
+
+
+def _execute(got: Claim, hb: Heartbeat) -> str:
+    from ml.training import build_recipe
+
+    job, cfg, ft_name, latest = _load(got.job_id)
+    storage = get_storage()
+    hooks = JobHooks(got, hb, job, ft_name, storage)
+    resume = storage.local_dir(latest.storage_key) if latest else None
+    if resume is not None and not (resume / "training_state").exists():
+        resume = None
+    hooks.message(f"Fine-tuning job started (attempt {got.attempt} of {job.max_attempts})"
+                  + (f"; resuming from checkpoint at step {latest.step}" if resume and latest else ""),
+                  data={"attempt": got.attempt, "resumed_from_step": latest.step if resume and latest else None})
+    workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=storage.staging_dir()))
+    recipe = build_recipe(
+        cfg, hooks, workdir=workdir, train_path=storage.local_file(cfg.training_file_key),
+        valid_path=storage.local_file(cfg.validation_file_key) if cfg.validation_file_key else None,
+        resume_dir=resume,
+        init_dir=storage.local_dir(cfg.init_checkpoint_key) if cfg.init_checkpoint_key else None,
+        base=local_base(cfg.base_model), device=get_settings().device,
+    )
+    try:
+        recipe.setup()
+        outcome = recipe.train()
+        if not outcome.completed:
+            return _interrupted(got, outcome)
+        final = workdir / "final"
+        info = recipe.save_checkpoint(final, with_state=False)
+        from ml.evaluation import safe_report
+
+        report = safe_report(recipe, job.validation_file, hooks)  # before the final transaction
+        return _succeed(got, hooks, storage, final, info, outcome, ft_name, report)
+    finally:
+        recipe.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _interrupted(got: Claim, outcome: TrainOutcome) -> str:
+    reason = outcome.interrupt or Interrupt.lease_lost
+    with session_scope() as s:
+        job = s.get(Job, got.job_id)
+        if reason is Interrupt.paused and owned(job, got.worker_id):
+            # A pause is not a lost worker: give the attempt back so pauses never use up max_attempts.
+            s.execute(update(Job).where(Job.id == got.job_id).values(
+                status="paused", pause_requested=False, lease_owner=None, lease_expires_at=None,
+                attempt=Job.attempt - 1))
+            add_event(s, got.job_id, f"Job paused at step {outcome.step}; resume continues from here")
+        elif reason is Interrupt.cancelled:
+            add_event(s, got.job_id, f"Training stopped at step {outcome.step} after cancellation")
+    return reason.value
+
+
+def _result_csv(rows: list[dict[str, Any]]) -> bytes:
+    cols = ["step", *sorted({k for r in rows for k in r} - {"step"})]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(r)
+    return buf.getvalue().encode()
+
+
+def _store_result_file(s: Any, storage: Storage, job: Job, rows: list[dict[str, Any]]) -> str:
+    file_id = ids.file_id()
+    key = f"files/{job.project_id}/{file_id}.csv"
+    data = _result_csv(rows)
+    tmp = Path(tempfile.mkstemp(dir=storage.staging_dir(), suffix=".csv")[1])
+    tmp.write_bytes(data)
+    storage.put_file(key, tmp)
+    s.add(File(id=file_id, project_id=job.project_id, purpose="fine-tune-results", filename="step_metrics.csv",
+               bytes=len(data), status="processed", format="csv", rows=len(rows), storage_key=key,
+               stats={"kind": "csv"}))
+    return file_id
+
+
+def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: CheckpointInfo,
+             outcome: TrainOutcome, ft_name: str, evaluation: dict[str, Any] | None = None) -> str:
+    key = f"jobs/{got.job_id}/final"
+    storage.put_dir(key, final)
+    with session_scope() as s:
+        job = s.get(Job, got.job_id)
+        if not owned(job, got.worker_id):
+            return "lease_lost"
+        assert job is not None
+        best = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.is_best))
+        base = job.config.get("base_model", job.model)
+        s.add(FineTunedModel(id=ft_name, project_id=job.project_id, job_id=job.id, base_model=base, task=job.task,
+                             training_type=info.training_type.value, storage_key=key,
+                             checkpoint_id=best.id if best else None,
+                             info={"label_names": info.label_names, "metrics": outcome.final_metrics,
+                                   "best_checkpoint": best.id if best else None}))
+        result_file = _store_result_file(s, storage, job, hooks.metric_rows)
+        job.status, job.fine_tuned_model, job.finished_at = "succeeded", ft_name, utcnow()
+        job.trained_tokens, job.result_files = outcome.trained_tokens, [result_file]
+        job.lease_owner, job.lease_expires_at = None, None
+        job.progress = {**(job.progress or {}), "step": outcome.step, "eta_seconds": 0}
+        if outcome.stopped_early:
+            add_event(s, job.id, f"Early stopping at step {outcome.step}: validation loss stopped improving")
+        if evaluation is not None:
+            from ml.evaluation import summary
+
+            job.evaluation = evaluation
+            add_event(s, job.id, summary(evaluation), data={"evaluation": evaluation})
+        add_event(s, job.id, f"New fine-tuned model created: {ft_name}")
+        add_event(s, job.id, "The job has successfully completed")
+        notify_terminal(s, job.id)
+    return "succeeded"
+
+
+def _fail(got: Claim, exc: Exception) -> None:
+    user_error = isinstance(exc, ValueError)
+    code = "invalid_training_data" if user_error else "internal_error"
+    message = str(exc) if user_error else f"Training failed: {type(exc).__name__}: {exc}"
+    with session_scope() as s:
+        job = s.get(Job, got.job_id)
+        if not owned(job, got.worker_id):
+            return
+        s.execute(update(Job).where(Job.id == got.job_id).values(
+            status="failed", error={"code": code, "message": message[:2000], "param": None},
+            finished_at=utcnow(), lease_owner=None, lease_expires_at=None))
+        add_event(s, got.job_id, f"Job failed: {message[:2000]}", level="error")
+        notify_terminal(s, got.job_id)

@@ -1,0 +1,153 @@
+"""The contract between the job runner (claims, leases, events, checkpoint registry) and the
+training recipes (setup / train / save_checkpoint / cleanup).
+
+Checkpoint directory layout (what `save_checkpoint` writes, what inference and download read):
+
+    <dir>/tunehouse.json          CheckpointInfo as JSON (task, training_type, base_model, labels, ...)
+    <dir>/config.json             model config (full / freeze) -- or adapter_config.json (lora / prompt_tuning)
+    <dir>/model.safetensors       full weights (full / freeze) -- or adapter_model.safetensors (peft adapters,
+                                  incl. the task head via modules_to_save)
+    <dir>/tokenizer.json ...      tokenizer files (always)
+    <dir>/training_state/         optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors,
+                                  trainer_state.json: enough to resume bit-for-bit. Safetensors/JSON only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+from ml.models.base import LocalBase
+
+
+class Task(StrEnum):
+    causal_lm = "causal_lm"
+    classification = "classification"
+    regression = "regression"
+    masked_lm = "masked_lm"
+
+
+class TrainingKind(StrEnum):
+    lora = "lora"
+    full = "full"
+    freeze = "freeze"
+    prompt_tuning = "prompt_tuning"
+
+
+class TrainingTypeConfig(BaseModel):
+    type: TrainingKind = TrainingKind.lora
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] | None = None  # None -> the catalog's default for the base model
+    num_virtual_tokens: int = 16  # prompt tuning
+
+
+class EarlyStopping(BaseModel):
+    patience: int = 3
+    min_delta: float = 0.0
+    metric: str = "valid_loss"
+
+
+class RecipeConfig(BaseModel):
+    """Fully resolved training config, stored on the job row (`jobs.config`)."""
+
+    base_model: str
+    task: Task
+    training_type: TrainingTypeConfig
+    seed: int
+    n_epochs: int
+    batch_size: int
+    learning_rate: float
+    max_seq_length: int
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0
+    training_file_key: str  # storage key of the training data
+    training_file_kind: str = "jsonl"  # jsonl | csv
+    validation_file_key: str | None = None
+    validation_file_kind: str = "jsonl"
+    checkpoint_every_steps: int = 0  # 0 -> once per epoch
+    eval_every_steps: int = 0  # 0 -> once per epoch (when there is a validation file)
+    log_every_steps: int = 1
+    early_stopping: EarlyStopping | None = None
+    init_checkpoint_key: str | None = None  # from_checkpoint: start from these weights
+    cleaning: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointInfo(BaseModel):
+    task: Task
+    training_type: TrainingKind
+    base_model: str
+    step: int
+    epoch: float
+    metrics: dict[str, float] = {}
+    label_names: list[str] | None = None  # classification: index -> label
+    problem_type: str | None = None
+
+
+class Interrupt(StrEnum):
+    cancelled = "cancelled"
+    paused = "paused"
+    lease_lost = "lease_lost"
+
+
+EventLevel = Literal["info", "warn", "error"]  # as OpenAI's fine-tuning events
+
+
+class Hooks(Protocol):
+    """Implemented by the runner; called by recipes from the training thread."""
+
+    def message(self, text: str, level: EventLevel = "info", data: dict[str, Any] | None = None) -> None: ...
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        """Per-step (train_loss, lr, tokens_per_second, epoch) or per-eval (valid_loss, accuracy, ...)."""
+
+    def progress(self, step: int, total_steps: int, epoch: float, trained_tokens: int) -> None: ...
+
+    def interrupted(self) -> Interrupt | None:
+        """Cheap; call every step. Non-None -> save state if you can and return promptly."""
+
+    def checkpoint(self, local_dir: Path, info: CheckpointInfo) -> None:
+        """Takes ownership of `local_dir` (moves it into storage atomically, registers the row)."""
+
+
+@dataclass
+class TrainOutcome:
+    completed: bool
+    interrupt: Interrupt | None = None
+    step: int = 0
+    trained_tokens: int = 0
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+class Recipe(Protocol):
+    def setup(self) -> None: ...
+    def train(self) -> TrainOutcome: ...
+    def save_checkpoint(self, local_dir: Path, with_state: bool = True) -> CheckpointInfo: ...
+    def cleanup(self) -> None: ...
+
+
+class RecipeFactory(Protocol):
+    """`ml.training.build_recipe` has this signature."""
+
+    def __call__(
+        self,
+        cfg: RecipeConfig,
+        hooks: Hooks,
+        *,
+        workdir: Path,  # scratch space for this attempt (deleted after)
+        train_path: Path,  # local copy of the training file
+        valid_path: Path | None,
+        resume_dir: Path | None,  # a checkpoint dir with training_state/ to resume from
+        init_dir: Path | None,  # from_checkpoint: weights to start from (no training state)
+        base: LocalBase,  # the catalog base model and its local directory
+        device: str = "auto",
+    ) -> Recipe: ...

@@ -1,0 +1,544 @@
+"""The training loop: a plain torch loop (AdamW, LR schedule with warmup, gradient accumulation and
+clipping) implementing the `Recipe` contract of `ml.config`.
+
+Resume is exact: batches are a pure function of (seed, epoch), a checkpoint records the position
+inside the epoch, and optimizer / scheduler / RNG states are restored, so an interrupted-and-resumed
+run ends with the same weights as an uninterrupted one. Interrupts are checked before every
+micro-batch; a pause mid-accumulation drops the partial gradients and saves the state of the last
+completed step (RNG included), which the resumed run redoes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from ml.config import (
+    CheckpointInfo,
+    Hooks,
+    Interrupt,
+    RecipeConfig,
+    Task,
+    TrainingKind,
+    TrainOutcome,
+)
+from ml.modeling import (
+    ADAPTER_KINDS,
+    INFO_FILE,
+    adapter_kind,
+    apply_training_type,
+    forward_logits,
+    is_adapter_dir,
+    load_adapter,
+    load_task_model,
+    load_tokenizer,
+    pick_device,
+    read_info,
+    save_weights,
+    trainable_parameters,
+)
+from ml.models.base import LocalBase
+from ml.training import data as D
+from ml.training.losses import loss_sum, predictions
+from ml.training.metrics import classification_metrics, improved, perplexity, regression_metrics
+from ml.training.state import RngState, capture_rng, load_state, restore_rng, save_state
+
+PROBLEM_TYPES = {Task.classification: "single_label_classification", Task.regression: "regression"}
+
+
+@dataclass
+class Progress:
+    """Everything the loop needs to continue exactly; saved as trainer_state.json."""
+
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # optimizer steps done in the current epoch
+    trained_tokens: int = 0
+    best: float | None = None  # early stopping
+    bad_evals: int = 0
+    last_eval_step: int = -1
+    last_ckpt_step: int = -1
+    log_loss: float = 0.0  # sums over the current logging window
+    log_steps: int = 0
+    log_tokens: int = 0
+    last_loss: float | None = None
+    last_lr: float = 0.0
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    tokens: int
+    lr: float
+
+
+@dataclass
+class Sources:
+    weights: Path  # a full model directory: the base, a from_checkpoint model, or a resumed full checkpoint
+    adapter: Path | None  # adapter checkpoint to load on top (resume / from_checkpoint)
+    tokenizer: Path
+    base_checkpoint: bool  # `weights` is a from_checkpoint model (adapters trained here need it as base)
+
+
+def plan_sources(base_dir: Path, init_dir: Path | None, resume_dir: Path | None) -> Sources:
+    init_full = init_dir if init_dir is not None and not is_adapter_dir(init_dir) else None
+    weights = init_full or base_dir
+    tokenizer = resume_dir or init_dir or base_dir
+    if resume_dir is not None:
+        if is_adapter_dir(resume_dir):
+            return Sources(weights, resume_dir, tokenizer, init_full is not None)
+        return Sources(resume_dir, None, tokenizer, False)
+    adapter = init_dir if init_dir is not None and init_full is None else None
+    return Sources(weights, adapter, tokenizer, init_full is not None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Any:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+class TrainingRecipe:
+    def __init__(
+        self,
+        cfg: RecipeConfig,
+        hooks: Hooks,
+        *,
+        workdir: Path,
+        train_path: Path,
+        valid_path: Path | None,
+        resume_dir: Path | None,
+        init_dir: Path | None,
+        base: LocalBase,
+        device: str = "auto",
+    ) -> None:
+        self.cfg, self.hooks, self.workdir = cfg, hooks, Path(workdir)
+        self.spec, self.base_dir, self.device_name = base.spec, base.path, device
+        self.train_path, self.valid_path = train_path, valid_path
+        self.resume_dir, self.init_dir = resume_dir, init_dir
+        self.task = Task(cfg.task)
+        self.kind = TrainingKind(cfg.training_type.type)
+        self.progress = Progress()
+        self.label_names: list[str] | None = None
+        self._step_rng: RngState | None = None
+        self._resume_rng: RngState | None = None
+        self._eval_cache: list[dict[str, torch.Tensor]] | None = None
+        self._train_seconds = 0.0  # time spent in training steps since the last log (not eval/saving)
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        seed_everything(self.cfg.seed)
+        self.device = pick_device(self.device_name)
+        self.sources = plan_sources(self.base_dir, self.init_dir, self.resume_dir)
+        self.tokenizer = load_tokenizer(self.sources.tokenizer)
+        train_records, valid_records = self._read_records()
+        self.label_names = self._resolve_labels(train_records, valid_records)
+        self.model = self._build_model().to(self.device)
+        self._encode(train_records, valid_records)
+        self._build_optimizer()
+        if self.resume_dir is not None:
+            self._restore(self.resume_dir / "training_state")
+        self._announce()
+
+    def _read_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        train = D.read_records(self.train_path, self.cfg.training_file_kind, self.cfg.cleaning, self.hooks)
+        if not train:
+            raise ValueError("the training file has no records")
+        valid = D.read_records(self.valid_path, self.cfg.validation_file_kind, self.cfg.cleaning, self.hooks,
+                               where="validation") if self.valid_path else []
+        return train, valid
+
+    def _resolve_labels(self, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> list[str] | None:
+        if self.task is not Task.classification:
+            return None
+        names = self._checkpoint_labels() or D.label_names_from(train)
+        D.check_labels(train, names, "training")
+        D.check_labels(valid, names, "validation")
+        return names
+
+    def _checkpoint_labels(self) -> list[str] | None:
+        for ckpt in (self.resume_dir, self.init_dir):
+            if ckpt is not None and (ckpt / INFO_FILE).exists():
+                info = read_info(ckpt)
+                if info.task is Task.classification and info.label_names:
+                    return list(info.label_names)
+        return None
+
+    def _build_model(self) -> torch.nn.Module:
+        model = load_task_model(self.task, self.sources.weights, self.tokenizer, self.label_names)
+        if self.sources.adapter is not None:
+            return self._attach_adapter(model, self.sources.adapter)
+        return apply_training_type(model, self.task, self.cfg.training_type, self.spec.lora_target_modules)
+
+    def _attach_adapter(self, model: Any, adapter_dir: Path) -> torch.nn.Module:
+        info = read_info(adapter_dir)
+        if info.task is not self.task:
+            raise ValueError(f"the checkpoint was trained for task '{info.task}', this job is '{self.task}'")
+        found = adapter_kind(adapter_dir)
+        if found == ADAPTER_KINDS.get(self.kind):
+            if self.resume_dir is None:
+                self.hooks.message(f"Continuing the checkpoint's {found} adapter (its own settings apply)")
+            return load_adapter(model, adapter_dir, trainable=True)
+        if found == "LORA" and self.kind in (TrainingKind.full, TrainingKind.freeze):
+            merged = load_adapter(model, adapter_dir, trainable=False).merge_and_unload()
+            return apply_training_type(
+                merged, self.task, self.cfg.training_type, self.spec.lora_target_modules
+            )
+        raise ValueError(
+            f"a {info.training_type} checkpoint cannot be continued with training type '{self.kind}'"
+        )
+
+    def _max_len(self) -> int:
+        limit = getattr(self.model.config, "max_position_embeddings", None) or self.tokenizer.model_max_length
+        virtual = 0
+        if isinstance(self.model, PeftModel) and self.model.active_peft_config.is_prompt_learning:
+            virtual = self.model.active_peft_config.num_virtual_tokens
+        return max(8, min(self.cfg.max_seq_length, int(limit) - virtual))
+
+    def _encode(self, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> None:
+        decoder = self.spec.architecture == "decoder"
+        args = (self.task, self.tokenizer, self._max_len(), self.label_names, decoder)
+        encoded = D.encode(train, *args)
+        if not encoded.examples:
+            raise ValueError("no usable training examples after tokenization (check max_seq_length)")
+        self.skipped = encoded.skipped
+        self.train_set = encoded.examples
+        self.valid_set = D.encode(valid, *args).examples if valid else []
+        pad_left = self.tokenizer.padding_side == "left" or (decoder and self.task is not Task.causal_lm)
+        self.collator = D.Collator(self.task, self.tokenizer, pad_left, self.cfg.seed)
+        self.train_lengths = [len(e.input_ids) for e in self.train_set]
+        n_micro = len(D.epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, 0))
+        self.steps_per_epoch = math.ceil(n_micro / max(1, self.cfg.gradient_accumulation_steps))
+        self.total_steps = self.steps_per_epoch * self.cfg.n_epochs
+
+    def _build_optimizer(self) -> None:
+        named = trainable_parameters(self.model)
+        if not named:
+            raise RuntimeError("the model has no trainable parameters")
+        decay = [p for _, p in named if p.ndim >= 2]
+        no_decay = [p for _, p in named if p.ndim < 2]  # biases and norms
+        groups = [
+            {"params": decay, "weight_decay": self.cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.learning_rate)
+        warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(self.cfg.lr_scheduler, warmup, self.total_steps)
+        )
+
+    def _restore(self, state_dir: Path) -> None:
+        rng, state = load_state(state_dir, self.optimizer, self.scheduler)
+        self.progress = Progress(**state)
+        self._resume_rng = rng
+
+    def _announce(self) -> None:
+        n_trainable = sum(p.numel() for _, p in trainable_parameters(self.model))
+        n_total = sum(p.numel() for p in self.model.parameters())
+        cfg, p = self.cfg, self.progress
+        text = (
+            f"Training {len(self.train_set)} examples ({len(self.valid_set)} validation) for {cfg.n_epochs} "
+            f"epochs: {self.total_steps} steps of {cfg.batch_size}x{cfg.gradient_accumulation_steps} on "
+            f"{self.device}; {n_trainable:,} of {n_total:,} parameters trainable ({self.kind})"
+        )
+        if self.resume_dir is not None:
+            text += f"; resuming at step {p.step} (epoch {p.epoch}, step {p.step_in_epoch} in it)"
+        self.hooks.message(
+            text,
+            data={
+                "train_examples": len(self.train_set),
+                "total_steps": self.total_steps,
+                "trainable_parameters": n_trainable,
+                "device": str(self.device),
+            },
+        )
+        if self.skipped:
+            self.hooks.message(
+                f"{self.skipped} examples skipped: nothing to learn from after truncation to "
+                f"{self._max_len()} tokens",
+                level="warn",
+            )
+        if self.cfg.early_stopping and not self.valid_set:
+            self.hooks.message("early stopping needs a validation file; it is off", level="warn")
+
+    # --- loop ---------------------------------------------------------------------------------
+
+    def train(self) -> TrainOutcome:
+        if self._resume_rng is not None:
+            restore_rng(self._resume_rng)
+        self.model.train()
+        p = self.progress
+        while p.epoch < self.cfg.n_epochs:
+            epoch = p.epoch
+            windows = self._windows(epoch)
+            for index in range(p.step_in_epoch, len(windows)):
+                start, window = windows[index]
+                t0 = time.perf_counter()
+                result = self._train_step(epoch, start, window)
+                self._train_seconds += time.perf_counter() - t0
+                if isinstance(result, Interrupt):
+                    return self._stop(result)
+                self._advance(len(windows))
+                if self._after_step(result, epoch_end=p.epoch > epoch):
+                    return self._finish(stopped_early=True)
+        return self._finish(stopped_early=False)
+
+    def _windows(self, epoch: int) -> list[tuple[int, list[list[int]]]]:
+        """Micro-batches of this epoch grouped per optimizer step, with the index of the first one."""
+        micro = D.epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+        accum = max(1, self.cfg.gradient_accumulation_steps)
+        return [(i, micro[i : i + accum]) for i in range(0, len(micro), accum)]
+
+    def _train_step(self, epoch: int, start: int, window: list[list[int]]) -> StepResult | Interrupt:
+        self._step_rng = capture_rng()
+        batches = [self._collate(self.train_set, idx, (epoch, start + j)) for j, idx in enumerate(window)]
+        total = max(1, sum(int(b["n_targets"]) for b in batches))
+        loss_value, tokens = 0.0, 0
+        for batch in batches:
+            why = self.hooks.interrupted()
+            if why is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return why
+            loss = self._loss(batch) / total
+            loss.backward()
+            loss_value += loss.item()
+            tokens += int(batch["n_tokens"])
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self._optimizer_step()
+        return StepResult(loss_value, tokens, lr)
+
+    def _collate(
+        self, examples: list[D.Example], idx: list[int], key: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        return self.collator([examples[i] for i in idx], key)
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self._autocast():
+            logits = forward_logits(self.model, batch, self.task)
+        return loss_sum(self.task, logits, batch)
+
+    def _optimizer_step(self) -> None:
+        if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _advance(self, n_windows: int) -> None:
+        p = self.progress
+        p.step += 1
+        p.step_in_epoch += 1
+        if p.step_in_epoch >= n_windows:
+            p.epoch, p.step_in_epoch = p.epoch + 1, 0
+
+    def _after_step(self, res: StepResult, epoch_end: bool) -> bool:
+        """Progress, logging, evaluation, checkpoints. Returns True when early stopping triggers."""
+        p = self.progress
+        p.trained_tokens += res.tokens
+        p.last_loss, p.last_lr = res.loss, res.lr
+        p.log_loss, p.log_steps, p.log_tokens = (
+            p.log_loss + res.loss,
+            p.log_steps + 1,
+            p.log_tokens + res.tokens,
+        )
+        self.hooks.progress(p.step, self.total_steps, self._epoch_float(), p.trained_tokens)
+        if p.step % max(1, self.cfg.log_every_steps) == 0:
+            self._log()
+        stop = self._maybe_evaluate(epoch_end)
+        every = self.cfg.checkpoint_every_steps
+        if (every > 0 and p.step % every == 0) or (every <= 0 and epoch_end) or stop:
+            self._checkpoint()
+        return stop
+
+    def _epoch_float(self) -> float:
+        return self.progress.step / max(1, self.steps_per_epoch)
+
+    def _log(self) -> None:
+        p = self.progress
+        if p.log_steps == 0:
+            return
+        self.hooks.metrics(
+            p.step,
+            {
+                "train_loss": p.log_loss / p.log_steps,
+                "lr": p.last_lr,
+                "tokens_per_second": p.log_tokens / max(self._train_seconds, 1e-9),
+                "epoch": self._epoch_float(),
+            },
+        )
+        p.log_loss, p.log_steps, p.log_tokens = 0.0, 0, 0
+        self._train_seconds = 0.0
+
+    # --- evaluation and early stopping --------------------------------------------------------
+
+    def _maybe_evaluate(self, epoch_end: bool) -> bool:
+        every = self.cfg.eval_every_steps
+        due = (every > 0 and self.progress.step % every == 0) or (every <= 0 and epoch_end)
+        if not self.valid_set or not due or self.progress.last_eval_step == self.progress.step:
+            return False
+        metrics = self.evaluate()
+        return metrics is not None and self._early_stop(metrics)
+
+    def evaluate(self) -> dict[str, float] | None:
+        """Validation loss + task metrics, reported through hooks. None if interrupted midway."""
+        self.model.eval()
+        loss, count, preds, targets = 0.0, 0, [], []
+        with torch.no_grad():
+            for batch in self._eval_batches():
+                if self.hooks.interrupted() is not None:
+                    self.model.train()
+                    return None
+                batch = {k: v.to(self.device) for k, v in batch.items()}
+                with self._autocast():
+                    logits = forward_logits(self.model, batch, self.task)
+                loss += float(loss_sum(self.task, logits, batch))
+                count += int(batch["n_targets"])
+                if "targets" in batch:
+                    preds.append(predictions(self.task, logits).cpu())
+                    targets.append(batch["targets"].cpu())
+        self.model.train()
+        metrics = self._task_metrics(loss / max(count, 1), preds, targets)
+        self.progress.last_eval_step, self.progress.eval_metrics = self.progress.step, metrics
+        self.hooks.metrics(self.progress.step, metrics)
+        return metrics
+
+    def _eval_batches(self) -> list[dict[str, torch.Tensor]]:
+        if self._eval_cache is None:  # fixed batches and MLM masks: evaluations are comparable
+            lengths = [len(e.input_ids) for e in self.valid_set]
+            plan = D.eval_batches(lengths, self.cfg.batch_size)
+            self._eval_cache = [self._collate(self.valid_set, idx, (-1, i)) for i, idx in enumerate(plan)]
+        return self._eval_cache
+
+    def _task_metrics(
+        self, valid_loss: float, preds: list[torch.Tensor], targets: list[torch.Tensor]
+    ) -> dict[str, float]:
+        out = {"valid_loss": valid_loss}
+        if self.task in (Task.causal_lm, Task.masked_lm):
+            out["perplexity"] = perplexity(valid_loss)
+        elif self.task is Task.classification:
+            out |= classification_metrics(
+                torch.cat(preds).numpy(), torch.cat(targets).numpy(), len(self.label_names or [])
+            )
+        else:
+            out |= regression_metrics(torch.cat(preds).numpy(), torch.cat(targets).numpy())
+        return out
+
+    def _early_stop(self, metrics: dict[str, float]) -> bool:
+        es, p = self.cfg.early_stopping, self.progress
+        if es is None or es.metric not in metrics:
+            return False
+        value = metrics[es.metric]
+        if improved(es.metric, value, p.best, es.min_delta):
+            p.best, p.bad_evals = value, 0
+        else:
+            p.bad_evals += 1
+        return p.bad_evals >= es.patience
+
+    # --- outcomes and checkpoints -------------------------------------------------------------
+
+    def _finish(self, stopped_early: bool) -> TrainOutcome:
+        p = self.progress
+        self._log()
+        if not stopped_early and self.valid_set and p.last_eval_step != p.step:
+            self.evaluate()
+        if p.last_ckpt_step != p.step:
+            self._checkpoint()
+        return TrainOutcome(
+            completed=True,
+            step=p.step,
+            trained_tokens=p.trained_tokens,
+            final_metrics=self._metrics(),
+            stopped_early=stopped_early,
+        )
+
+    def _stop(self, why: Interrupt) -> TrainOutcome:
+        p = self.progress
+        if why is Interrupt.paused and p.last_ckpt_step != p.step:
+            self._checkpoint(rng=self._step_rng)  # the state at the last completed step
+        self.hooks.message(f"Training interrupted ({why.value}) at step {p.step}")
+        return TrainOutcome(
+            completed=False,
+            interrupt=why,
+            step=p.step,
+            trained_tokens=p.trained_tokens,
+            final_metrics=self._metrics(),
+        )
+
+    def _metrics(self) -> dict[str, float]:
+        out = dict(self.progress.eval_metrics)
+        if self.progress.last_loss is not None:
+            out["train_loss"] = self.progress.last_loss
+        return out
+
+    def _checkpoint(self, rng: RngState | None = None) -> None:
+        self.progress.last_ckpt_step = self.progress.step
+        local_dir = self.workdir / f"checkpoint-{self.progress.step:08d}-{uuid.uuid4().hex[:8]}"
+        info = self._save(local_dir, with_state=True, rng=rng or capture_rng())
+        self.hooks.checkpoint(local_dir, info)
+
+    def save_checkpoint(self, local_dir: Path, with_state: bool = True) -> CheckpointInfo:
+        return self._save(Path(local_dir), with_state, capture_rng())
+
+    def _save(self, local_dir: Path, with_state: bool, rng: RngState) -> CheckpointInfo:
+        save_weights(self.model, local_dir, self.cfg.base_model)
+        self.tokenizer.save_pretrained(str(local_dir))
+        info = CheckpointInfo(
+            task=self.task,
+            training_type=self.kind,
+            base_model=self.cfg.base_model,
+            step=self.progress.step,
+            epoch=self._epoch_float(),
+            metrics=self._metrics(),
+            label_names=self.label_names,
+            problem_type=PROBLEM_TYPES.get(self.task),
+        )
+        payload = info.model_dump(mode="json")
+        if isinstance(self.model, PeftModel) and self.sources.base_checkpoint:
+            payload["base_checkpoint_key"] = self.cfg.init_checkpoint_key  # the adapter's base weights
+        (local_dir / INFO_FILE).write_text(json.dumps(payload, indent=2))
+        if with_state:
+            save_state(
+                local_dir / "training_state", self.optimizer, self.scheduler, rng, asdict(self.progress)
+            )
+        return info
+
+    def cleanup(self) -> None:
+        for name in ("model", "optimizer", "scheduler", "_eval_cache"):
+            if hasattr(self, name):
+                setattr(self, name, None)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
