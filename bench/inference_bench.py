@@ -33,7 +33,8 @@ from app.inference.local import LocalInference
 from app.inference.schemas import PredictionRequest
 from app.kit.storage import LocalStorage
 from app.models_registry.catalog import local_base
-from ml.config import CheckpointInfo, Task, TrainingKind
+from ml.checkpoint import CheckpointInfo
+from ml.config import Task, TrainingKind
 from ml.inference.engine import Engine, EngineConfig
 from ml.inference.types import ModelRef
 

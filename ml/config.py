@@ -1,27 +1,21 @@
 """The contract between the job runner (claims, leases, events, checkpoint registry) and the
-training recipes (setup / train / save_checkpoint / cleanup).
-
-Checkpoint directory layout (what `save_checkpoint` writes, what inference and download read):
-
-    <dir>/tunehouse.json          CheckpointInfo as JSON (task, training_type, base_model, labels, ...)
-    <dir>/config.json             model config (full / freeze) -- or adapter_config.json (lora / prompt_tuning)
-    <dir>/model.safetensors       full weights (full / freeze) -- or adapter_model.safetensors (peft adapters,
-                                  incl. the task head via modules_to_save)
-    <dir>/tokenizer.json ...      tokenizer files (always)
-    <dir>/training_state/         optimizer.safetensors + optimizer.json, scheduler.json, rng.safetensors,
-                                  trainer_state.json: enough to resume bit-for-bit. Safetensors/JSON only.
-"""
+training recipes (setup / train / save_checkpoint / cleanup): typed configs, hooks, outcomes.
+Torch-free, so the API validates and stores `RecipeConfig` on the job row. The checkpoint format the
+recipes write is `ml.checkpoint`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
-from ml.models.base import LocalBase
+if TYPE_CHECKING:
+    from ml.checkpoint import CheckpointInfo
+    from ml.models.base import LocalBase
+
 
 
 class Task(StrEnum):
@@ -79,17 +73,6 @@ class RecipeConfig(BaseModel):
     early_stopping: EarlyStopping | None = None
     init_checkpoint_key: str | None = None  # from_checkpoint: start from these weights
     cleaning: dict[str, Any] = Field(default_factory=dict)
-
-
-class CheckpointInfo(BaseModel):
-    task: Task
-    training_type: TrainingKind
-    base_model: str
-    step: int
-    epoch: float
-    metrics: dict[str, float] = {}
-    label_names: list[str] | None = None  # classification: index -> label
-    problem_type: str | None = None
 
 
 class Interrupt(StrEnum):

@@ -43,7 +43,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from ml.config import CheckpointInfo, Task, TrainingKind, TrainingTypeConfig
+from ml.config import Task, TrainingKind, TrainingTypeConfig
 
 AUTO_CLASSES: dict[Task, Any] = {
     Task.causal_lm: AutoModelForCausalLM,
@@ -57,7 +57,6 @@ PEFT_TASK: dict[Task, TaskType | None] = {
     Task.regression: TaskType.SEQ_CLS,
 }
 ADAPTER_KINDS = {TrainingKind.lora: "LORA", TrainingKind.prompt_tuning: "PROMPT_TUNING"}
-INFO_FILE = "tunehouse.json"
 
 
 def pick_device(want: str = "auto") -> torch.device:
@@ -86,14 +85,6 @@ def quiet_transformers() -> Iterator[None]:
         peft_log.setLevel(peft_level)
         if bars:
             hf_logging.enable_progress_bar()
-
-
-def read_info(ckpt_dir: Path) -> CheckpointInfo:
-    return CheckpointInfo.model_validate_json((ckpt_dir / INFO_FILE).read_text())
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / "adapter_config.json").exists()
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -149,12 +140,6 @@ def _check_adapter_load(adapter_dir: Path, unexpected: list[str], missing: list[
             f"adapter {adapter_dir.name} does not match the model: "
             f"unexpected {unexpected[:5]}, missing {missing[:5]}"
         )
-
-
-def adapter_kind(adapter_dir: Path) -> str:
-    import json
-
-    return str(json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type", ""))
 
 
 # --- training types ---------------------------------------------------------------------------

@@ -104,13 +104,8 @@ def _fingerprint(ckpt: Path) -> str:
 
 
 def _merge_into(ckpt: Path, base_dir: Path, out: Path) -> None:
-    from ml.modeling import (
-        load_adapter,
-        load_task_model,
-        load_tokenizer,
-        quiet_transformers,
-        read_info,
-    )
+    from ml.checkpoint import read_info
+    from ml.modeling import load_adapter, load_task_model, load_tokenizer, quiet_transformers
 
     info = read_info(ckpt)
     tok = load_tokenizer(ckpt)

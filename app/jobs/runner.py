@@ -28,7 +28,8 @@ from app.models_registry.catalog import local_base
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal
-from ml.config import CheckpointInfo, EventLevel, Interrupt, RecipeConfig, TrainOutcome
+from ml.checkpoint import CheckpointInfo, has_training_state
+from ml.config import EventLevel, Interrupt, RecipeConfig, TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
     storage = get_storage()
     hooks = JobHooks(got, hb, job, ft_name, storage)
     resume = storage.local_dir(latest.storage_key) if latest else None
-    if resume is not None and not (resume / "training_state").exists():
+    if resume is not None and not has_training_state(resume):
         resume = None
     hooks.message(f"Fine-tuning job started (attempt {got.attempt} of {job.max_attempts})"
                   + (f"; resuming from checkpoint at step {latest.step}" if resume and latest else ""),

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ml.config import CheckpointInfo
-from ml.modeling import is_adapter_dir, load_adapter, load_task_model, load_tokenizer, read_info
+from ml.checkpoint import CheckpointInfo, is_adapter_dir, read_info
+from ml.modeling import load_adapter, load_task_model, load_tokenizer
 
 
 def load_for_inference(

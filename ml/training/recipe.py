@@ -11,7 +11,6 @@ completed step (RNG included), which the resumed run redoes.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -24,8 +23,16 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from ml.config import (
+from ml.checkpoint import (
     CheckpointInfo,
+    adapter_kind,
+    has_info,
+    is_adapter_dir,
+    read_info,
+    state_dir,
+    write_info,
+)
+from ml.config import (
     Hooks,
     Interrupt,
     RecipeConfig,
@@ -35,16 +42,12 @@ from ml.config import (
 )
 from ml.modeling import (
     ADAPTER_KINDS,
-    INFO_FILE,
-    adapter_kind,
     apply_training_type,
     forward_logits,
-    is_adapter_dir,
     load_adapter,
     load_task_model,
     load_tokenizer,
     pick_device,
-    read_info,
     save_weights,
     trainable_parameters,
 )
@@ -164,7 +167,7 @@ class TrainingRecipe:
         self._encode(train_records, valid_records)
         self._build_optimizer()
         if self.resume_dir is not None:
-            self._restore(self.resume_dir / "training_state")
+            self._restore(state_dir(self.resume_dir))
         self._announce()
 
     def _read_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -185,7 +188,7 @@ class TrainingRecipe:
 
     def _checkpoint_labels(self) -> list[str] | None:
         for ckpt in (self.resume_dir, self.init_dir):
-            if ckpt is not None and (ckpt / INFO_FILE).exists():
+            if ckpt is not None and has_info(ckpt):
                 info = read_info(ckpt)
                 if info.task is Task.classification and info.label_names:
                     return list(info.label_names)
@@ -526,13 +529,12 @@ class TrainingRecipe:
             label_names=self.label_names,
             problem_type=PROBLEM_TYPES.get(self.task),
         )
-        payload = info.model_dump(mode="json")
         if isinstance(self.model, PeftModel) and self.sources.base_checkpoint:
-            payload["base_checkpoint_key"] = self.cfg.init_checkpoint_key  # the adapter's base weights
-        (local_dir / INFO_FILE).write_text(json.dumps(payload, indent=2))
+            info.base_checkpoint_key = self.cfg.init_checkpoint_key  # the adapter's base weights
+        write_info(local_dir, info)
         if with_state:
             save_state(
-                local_dir / "training_state", self.optimizer, self.scheduler, rng, asdict(self.progress)
+                state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress)
             )
         return info
 

@@ -22,7 +22,8 @@ from app.kit import ids
 from app.kit.storage import get_storage
 from app.models_registry.catalog import local_base
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
-from ml.config import CheckpointInfo, Task, TrainingKind
+from ml.checkpoint import CheckpointInfo
+from ml.config import Task, TrainingKind
 
 ENCODER = "minilm-l6"
 DECODER = "tiny-lm"

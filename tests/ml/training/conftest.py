@@ -14,7 +14,8 @@ import torch
 
 from app.models_registry.catalog import local_base
 from app.settings import get_settings
-from ml.config import CheckpointInfo, Interrupt, RecipeConfig, TrainOutcome
+from ml.checkpoint import CheckpointInfo
+from ml.config import Interrupt, RecipeConfig, TrainOutcome
 from ml.training import build_recipe
 
 torch.set_num_threads(1)  # the CI box is small and shared

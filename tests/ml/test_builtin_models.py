@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from app.models_registry import builtin
 from app.models_registry.catalog import base_model_path, get_spec
+from ml.models import builtin
 from ml.models.assets import make_corpus
 
 
