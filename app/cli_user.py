@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -20,8 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
 
+from app.jobs.state import JobStatus
+
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "cancelled")
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 RECONNECTS = 5
 Series = list[tuple[int, float]]
@@ -372,7 +374,9 @@ def jobs_list(limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: Ap
 
 
 def _status(status: str) -> str:
-    color = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan"}.get(status)
+    colors: dict[str, str] = {JobStatus.succeeded: "green", JobStatus.failed: "red",
+                              JobStatus.cancelled: "yellow", JobStatus.running: "cyan"}
+    color = colors.get(status)
     return f"[{color}]{status}[/]" if color else status
 
 
@@ -473,6 +477,72 @@ def _num(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, int | float) else ""
 
 
+def _attachment_name(r: httpx.Response) -> str:
+    match = re.search(r'filename="([^"]+)"', r.headers.get("content-disposition", ""))
+    return Path(match.group(1)).name if match else "weights.tar"
+
+
+def _save_tar(r: httpx.Response, dest: Path | None) -> Path:
+    """Streams the body to `dest` (a file or a directory) via a .part file, so no half tar is left."""
+    out = dest or Path(_attachment_name(r))
+    if out.is_dir():
+        out = out / _attachment_name(r)
+    part = out.with_name(out.name + ".part")
+    with open(part, "wb") as fh:
+        for chunk in r.iter_bytes(1 << 20):
+            fh.write(chunk)
+    part.replace(out)
+    return out
+
+
+def download_weights(api: Api, job_id: str, checkpoint: str, fmt: str | None, dest: Path | None,
+                     timeout: float, on_wait: Callable[[dict[str, Any]], None] | None = None) -> Path:
+    """The weights tar, saved. A 202 (a worker is building the merged model) is polled after its
+    Retry-After until the tar comes, for at most `timeout` seconds."""
+    path = f"/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint}/download"
+    params = {"format": fmt} if fmt else {}
+    deadline = time.monotonic() + timeout
+    while True:
+        with api.http.stream("GET", path, params=params) as r:
+            if r.is_error:
+                r.read()
+                raise ApiError.of(r)
+            if r.status_code != 202:
+                return _save_tar(r, dest)
+            r.read()
+            export, wait = r.json(), float(r.headers.get("retry-after") or 5)
+        if on_wait is not None:
+            on_wait(export)
+        if time.monotonic() + wait > deadline:
+            raise ApiError(202, f"Export {export['id']} is still {export['status']} after {timeout:.0f} s; "
+                                "run the command again later.", "export_pending")
+        time.sleep(wait)
+
+
+@jobs_app.command("download")
+@api_command
+def jobs_download(
+    job_id: str,
+    checkpoint: Annotated[str, typer.Argument(help="a checkpoint id, or final")] = "final",
+    fmt: Annotated[str | None, typer.Option("--format", help="adapter | merged | full (default: as trained)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="file or directory to write")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for a merged model to be built")] = 3600.0,
+    base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "",
+) -> None:
+    """Download weights as a tar. A LoRA's merged / full model is built by a worker first: this waits."""
+    console = _out()
+    shown: set[str] = set()
+
+    def waiting(export: dict[str, Any]) -> None:
+        if export["status"] not in shown:
+            shown.add(export["status"])
+            console.print(f"Export {export['id']} is {export['status']}; waiting for the worker...")
+
+    with Api(base_url, api_key) as api:
+        saved = download_weights(api, job_id, checkpoint, fmt, output, timeout, waiting)
+    console.print(f"Saved {saved} ({saved.stat().st_size:,} bytes)")
+
+
 @jobs_app.command("follow")
 @api_command
 def jobs_follow(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> None:
@@ -489,7 +559,7 @@ def _finish(result: FollowResult) -> None:
     if job.get("error"):
         con.print(f"[red]Error:[/] {job['error'].get('message')}")
     con.print(_loss_summary(result.losses))
-    if job["status"] != "succeeded":
+    if job["status"] != JobStatus.succeeded:
         raise typer.Exit(1)
 
 
@@ -568,7 +638,7 @@ class Follower:
         self.progress.update(self.task, description=desc, total=total,
                              steps=f"{p.get('step', 0)}/{total or '?'}",
                              epoch=f"{p['epoch']:.2f}" if isinstance(p.get("epoch"), int | float) else "-",
-                             eta=_duration(p.get("eta_seconds")) if job["status"] == "running" else "-")
+                             eta=_duration(p.get("eta_seconds")) if job["status"] == JobStatus.running else "-")
         if isinstance(p.get("step"), int):
             self.progress.update(self.task, completed=p["step"])
 

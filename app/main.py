@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from app.files.router import router as files_router
 from app.health.router import router as health_router
 from app.inference.router import router as inference_router
+from app.jobs import metrics as job_metrics
 from app.jobs.reaper import ReaperThread
 from app.jobs.router import router as jobs_router
 from app.kit.errors import install_error_handlers
@@ -40,6 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     install_metrics(app)
+    job_metrics.register()
     app.include_router(health_router)
     app.include_router(files_router, prefix="/v1")
     app.include_router(jobs_router, prefix="/v1")

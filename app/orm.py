@@ -18,6 +18,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from app.files.status import FileStatus
 from app.kit.db import Base, JSONType, UTCDateTime, utcnow
 
 
@@ -52,7 +53,7 @@ class File(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(512))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    status: Mapped[str] = mapped_column(String(16), default="processed")  # processed | error | deleted
+    status: Mapped[FileStatus] = mapped_column(String(16), default=FileStatus.processed)
     status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
     format: Mapped[str | None] = mapped_column(String(32), nullable=True)  # chat|prompt_completion|text|...
     rows: Mapped[int] = mapped_column(Integer, default=0)
@@ -84,7 +85,7 @@ class Job(Base):
     # What the user asked for ("auto" kept) and the typed recipe config resolved from it.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    status: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(32), index=True)  # app.jobs.state.JobStatus
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     result_files: Mapped[list[str]] = mapped_column(JSONType, default=list)
@@ -160,3 +161,25 @@ class FineTunedModel(Base):
     info: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)  # label names, metrics...
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class Export(Base):
+    """Weights that take model work to export (a LoRA merged into its base): built once by a worker
+    (`app.jobs.exports`), kept in storage, streamed by the download endpoint."""
+
+    __tablename__ = "exports"
+    __table_args__ = (UniqueConstraint("job_id", "checkpoint", "format", name="uq_exports_job_checkpoint_format"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    checkpoint: Mapped[str] = mapped_column(String(64))  # a checkpoint id or "final"
+    format: Mapped[str] = mapped_column(String(16))  # what is built: "merged"
+    status: Mapped[str] = mapped_column(String(16))  # queued | building | ready | failed
+    source_key: Mapped[str] = mapped_column(String(512))  # storage key of the checkpoint
+    source_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the adapter it was built from
+    storage_key: Mapped[str | None] = mapped_column(String(512), nullable=True)  # set when ready
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # bumped per build claim: a stale builder can't finish
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

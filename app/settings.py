@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = 0  # 0 -> once per epoch
     keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all
 
-    # Inference: empty -> the API process runs the engine itself; else the inference worker's URL
+    # Inference runs in inference workers behind this URL; embedded `serve` starts one and sets it.
     inference_url: str = ""
     inference_max_batch_size: int = 32
     inference_max_wait_ms: float = 5.0

@@ -33,6 +33,7 @@ from app.inference.local import LocalInference
 from app.inference.schemas import PredictionRequest
 from app.kit.storage import LocalStorage
 from app.models_registry.catalog import local_base
+from ml import checkpoint
 from ml.checkpoint import CheckpointInfo
 from ml.config import Task, TrainingKind
 from ml.inference.engine import Engine, EngineConfig
@@ -76,12 +77,9 @@ def build_adapters(storage: LocalStorage, count: int) -> list[str]:
                 if "lora_" in name or "modules_to_save" in name:
                     p.normal_(0, 0.05)
         key = f"bench/adapter-{i}"
-        path = storage.local_dir(key)
-        peft.save_pretrained(str(path))
-        tokenizer.save_pretrained(path)
         info = CheckpointInfo(task=Task.classification, training_type=TrainingKind.lora, base_model=BASE,
                               step=1, epoch=1.0, label_names=LABELS)
-        (path / "tunehouse.json").write_text(info.model_dump_json())
+        checkpoint.save(storage.local_dir(key), peft, tokenizer, info)
         keys.append(key)
     return keys
 

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from ml.config import Task, TrainingKind
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 INFO_FILE = "tunehouse.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -45,6 +50,15 @@ class CheckpointInfo(BaseModel):
     base_checkpoint_key: str | None = None
 
 
+def save(ckpt_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, info: CheckpointInfo) -> None:
+    """Weights (full model or peft adapter), tokenizer and info: everything but the training state."""
+    from ml.modeling import save_weights  # torch: only when actually writing
+
+    save_weights(model, ckpt_dir, info.base_model)
+    tokenizer.save_pretrained(str(ckpt_dir))
+    write_info(ckpt_dir, info)
+
+
 def has_info(ckpt_dir: Path) -> bool:
     return (ckpt_dir / INFO_FILE).is_file()
 
@@ -58,11 +72,15 @@ def write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
     (ckpt_dir / INFO_FILE).write_text(info.model_dump_json(indent=2))
 
 
+def has_tokenizer(path: Path) -> bool:
+    return any((path / name).exists() for name in TOKENIZER_FILES)
+
+
 def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).exists()
 
 
-def adapter_config(path: Path) -> dict[str, object]:
+def adapter_config(path: Path) -> dict[str, Any]:
     data = json.loads((path / ADAPTER_CONFIG).read_text())
     return data if isinstance(data, dict) else {}
 

@@ -63,6 +63,8 @@ class RecipeConfig(BaseModel):
     gradient_accumulation_steps: int = 1
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0
+    max_steps: int | None = None  # stop (successfully) after this many optimizer steps; the LR schedule fits it
+    max_train_seconds: float | None = None  # stop (successfully) once training has run this long
     training_file_key: str  # storage key of the training data
     training_file_kind: str = "jsonl"  # jsonl | csv
     validation_file_key: str | None = None

@@ -11,11 +11,17 @@ outside the backbone (`model.base_model`), minus anything shared with the input 
                  masked_lm the MLM transform trains too (the decoder is tied to the embeddings).
   prompt_tuning  learned virtual tokens (+ the head, as for lora). For token-level tasks the model's
                  logits include the virtual positions first: `forward_logits` strips them.
+
+Pooling: a sequence head reads the pooled sentence vector the base model was trained to produce. Models
+shipped as sentence-transformers (`1_Pooling/config.json` in mean mode, e.g. all-MiniLM) get their
+[CLS] pooler replaced by a parameter-free masked mean (`use_pooling`); the mode is recorded as
+`tunehouse_pooling` in the model config, so saved full models and served models pool the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -33,6 +39,7 @@ from peft import (
     load_peft_weights,
     set_peft_model_state_dict,
 )
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
@@ -57,13 +64,22 @@ PEFT_TASK: dict[Task, TaskType | None] = {
     Task.regression: TaskType.SEQ_CLS,
 }
 ADAPTER_KINDS = {TrainingKind.lora: "LORA", TrainingKind.prompt_tuning: "PROMPT_TUNING"}
+POOLING_KEY = "tunehouse_pooling"  # model config attribute: "cls" (the architecture's own) or "mean"
+SEQUENCE_TASKS = (Task.classification, Task.regression)
 
 
 def pick_device(want: str = "auto") -> torch.device:
-    """`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`; the one device choice for training and serving."""
-    if want == "auto":
+    """`auto` or "" (CUDA when present), `cpu`, `cuda` or `cuda:N`; the one device choice for training and serving."""
+    if want in ("", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(want)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (fp32 master weights), plain fp32 elsewhere: training and evaluation forwards."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -109,15 +125,72 @@ def load_task_model(
         )
     elif task is Task.regression:
         kwargs.update(num_labels=1, problem_type="regression")
-    if task in (Task.classification, Task.regression):
+    if task in SEQUENCE_TASKS:
         kwargs["pad_token_id"] = tok.pad_token_id
     with quiet_transformers():
-        return AUTO_CLASSES[task].from_pretrained(path, dtype=torch.float32, **kwargs)
+        model = AUTO_CLASSES[task].from_pretrained(path, dtype=torch.float32, **kwargs)
+    if task in SEQUENCE_TASKS:
+        use_pooling(model, pooling_mode(model, path))
+    return model
+
+
+# --- pooling ----------------------------------------------------------------------------------
+
+
+class MeanPooling(torch.nn.Module):
+    """Stands in for a BERT-style `pooler`: the mean of the unpadded last hidden states. The pooler
+    only sees hidden states, so a pre-hook on the backbone hands it the attention mask first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None
+
+    def capture_mask(self, _module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask if mask is not None else (args[1] if len(args) > 1 else None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        mask, self.mask = self.mask, None
+        if mask is None or mask.dim() != 2 or mask.shape[1] != hidden.shape[1]:
+            return hidden.mean(dim=1)
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+def sentence_transformers_pooling(path: Path) -> str | None:
+    """"mean" / "cls" from a sentence-transformers model dir (`modules.json` -> Pooling config), else None."""
+    try:
+        modules = json.loads((path / "modules.json").read_text())
+        sub = next(m["path"] for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        config = json.loads((path / sub / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, KeyError, TypeError):
+        return None
+    if config.get("pooling_mode_mean_tokens"):
+        return "mean"
+    return "cls" if config.get("pooling_mode_cls_token") else None
+
+
+def pooling_mode(model: PreTrainedModel, path: Path) -> str:
+    """What the weights in `path` were trained with: a recorded mode, else the sentence-transformers config."""
+    return str(getattr(model.config, POOLING_KEY, None) or sentence_transformers_pooling(path) or "cls")
+
+
+def use_pooling(model: PreTrainedModel, mode: str) -> None:
+    """Make a sequence-classification model pool with `mode` and record it in its config. Mean pooling
+    needs a BERT-style `pooler` slot; other architectures keep their own pooling ("cls")."""
+    backbone = model.base_model
+    if mode == "mean" and getattr(backbone, "pooler", None) is not None:
+        pooler = MeanPooling()
+        backbone.pooler = pooler
+        backbone.register_forward_pre_hook(pooler.capture_mask, with_kwargs=True)
+    else:
+        mode = "cls"
+    setattr(model.config, POOLING_KEY, mode)
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: Path, trainable: bool) -> PeftModel:
-    if not (adapter_dir / "adapter_model.safetensors").exists():
-        raise ValueError(f"{adapter_dir.name}: adapter weights must be in adapter_model.safetensors")
+    if not (adapter_dir / SAFETENSORS_WEIGHTS_NAME).exists():  # peft would fall back to a pickle
+        raise ValueError(f"{adapter_dir.name}: adapter weights must be in {SAFETENSORS_WEIGHTS_NAME}")
     with quiet_transformers():
         if not trainable:
             return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)

@@ -7,7 +7,7 @@ import os
 import socket
 import uuid
 
-from app.jobs import runner
+from app.jobs import exports, runner
 from app.kit.broker import RUN_JOB_TASK, get_celery
 from app.webhooks.service import TASK_NAME as WEBHOOK_TASK
 from app.webhooks.service import Delivery, deliver, send_delivery
@@ -33,3 +33,8 @@ def deliver_webhook(job_id: str, url: str, event_id: str, body: str, attempt: in
         return "done"
     send_delivery(delivery.next(), countdown=retry_in)
     return f"retry in {retry_in:.0f}s"
+
+
+@celery.task(name=exports.EXPORT_TASK, acks_late=True, reject_on_worker_lost=True)
+def build_export(export_id: str) -> str:
+    return exports.build_export(export_id)

@@ -27,8 +27,10 @@ def _token_counter(options: CleaningOptions) -> Callable[[str], int] | None:
                              param="model")
     from app.jobs.estimate import base_tokenizer
 
-    tok = base_tokenizer(options.model)
-    return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    model = options.model
+    base_tokenizer(model)  # an unknown model fails here, before any row is read
+    # The calling thread's own tokenizer on every call: instances are never shared across threads.
+    return lambda text: len(base_tokenizer(model)(text, add_special_tokens=False)["input_ids"])
 
 
 def _write_cleaned(src: Path, kind: str, out: Path, cleaner: Cleaner) -> None:
@@ -65,11 +67,14 @@ def clean_file(session: Session, project_id: str, file_id: str, options: Cleanin
     except FileNotFoundError:
         raise NotFound(f"The content of {file_id} is no longer stored.", param="file_id",
                        code="file_not_found") from None
+    kind = (src.stats or {}).get("kind", "jsonl")
+    session.rollback()  # only reads so far: cleaning (tokenizing) takes a while and holds no transaction
     with staged_file(storage, suffix=".jsonl") as tmp:
-        _write_cleaned(src_path, (src.stats or {}).get("kind", "jsonl"), tmp, cleaner)
+        _write_cleaned(src_path, kind, tmp, cleaner)
         if cleaner.report.output_rows == 0:
             raise InvalidRequest(f"Cleaning removed every row of {file_id} ({cleaner.report.summary()}).",
                                  param="file_id", code="empty_after_cleaning")
+        src = get_file(session, project_id, file_id)  # a new transaction: still there?
         return _store_cleaned(session, src, tmp, cleaner.report, options, storage)
 
 

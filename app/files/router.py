@@ -11,10 +11,11 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.auth.deps import CurrentProject
 from app.files import cleaning, service
 from app.files.schemas import FileDeleted, FileObject
 from app.files.upload import receive_upload
-from app.kit.deps import DB, CurrentProject
+from app.kit.deps import DB
 from app.kit.pagination import ListPage
 from app.kit.storage import get_storage, staged_file
 from app.settings import get_settings

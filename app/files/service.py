@@ -10,11 +10,13 @@ from typing import IO, Any, Literal
 from sqlalchemy import Select, or_, select
 from sqlalchemy.orm import Session
 
+from app.files.status import FileStatus
 from app.files.upload import Upload
+from app.jobs.state import TERMINAL
 from app.kit import ids
 from app.kit.db import after_commit, utcnow
 from app.kit.errors import Conflict, InvalidRequest, NotFound
-from app.kit.pagination import check_limit
+from app.kit.pagination import paginate
 from app.kit.storage import Storage
 from app.orm import File, Job
 from app.settings import get_settings
@@ -23,7 +25,6 @@ from ml.data.formats import Report, kind_from_name, sniff_kind, validate_file
 log = logging.getLogger(__name__)
 
 UPLOAD_PURPOSES = {"fine-tune"}  # what users may upload; jobs write "fine-tune-results" themselves
-FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 MAX_LIST_LIMIT = 10_000
 
 
@@ -95,7 +96,7 @@ def store_file(session: Session, storage: Storage, staged: Path, *, project_id: 
     storage.put_file(key, staged)
     row = File(
         id=file_id, project_id=project_id, purpose=purpose, filename=filename, bytes=size,
-        status="processed", format=report.format.value if report.format else None, rows=report.rows,
+        status=FileStatus.processed, format=report.format.value if report.format else None, rows=report.rows,
         sha256=sha256, storage_key=key, stats=stats if stats is not None else report.stats(),
     )
     session.add(row)
@@ -126,23 +127,11 @@ def get_file(session: Session, project_id: str, file_id: str, param: str = "file
 
 def list_files(session: Session, project_id: str, *, purpose: str | None = None, after: str | None = None,
                limit: int = 100, order: Literal["asc", "desc"] = "desc") -> tuple[list[File], bool]:
-    check_limit(limit, MAX_LIST_LIMIT)
     stmt = _live(project_id)
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
-    if after:
-        anchor = session.scalar(_live(project_id).where(File.id == after))
-        if anchor is None:
-            raise InvalidRequest(f"No such object for 'after': {after}", param="after")
-        if order == "desc":
-            stmt = stmt.where(or_(File.created_at < anchor.created_at,
-                                  (File.created_at == anchor.created_at) & (File.id < anchor.id)))
-        else:
-            stmt = stmt.where(or_(File.created_at > anchor.created_at,
-                                  (File.created_at == anchor.created_at) & (File.id > anchor.id)))
-    keys = (File.created_at.desc(), File.id.desc()) if order == "desc" else (File.created_at, File.id)
-    rows = list(session.scalars(stmt.order_by(*keys).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    return paginate(session, stmt, File, after, limit, File.created_at, max_limit=MAX_LIST_LIMIT,
+                    descending=order == "desc")
 
 
 def _delete_bytes(storage: Storage, key: str) -> None:
@@ -157,12 +146,12 @@ def delete_file(session: Session, project_id: str, file_id: str, storage: Storag
     row = get_file(session, project_id, file_id, lock="update")
     busy = session.scalar(
         select(Job.id).where(or_(Job.training_file == row.id, Job.validation_file == row.id),
-                             Job.status.not_in(FINISHED_JOB_STATUSES)).limit(1)
+                             Job.status.not_in(sorted(TERMINAL))).limit(1)
     )
     if busy is not None:
         raise Conflict(f"File {file_id} is used by fine-tuning job {busy}, which has not finished.",
                        param="file_id", code="file_in_use")
-    row.status, row.deleted_at = "deleted", utcnow()
+    row.status, row.deleted_at = FileStatus.deleted, utcnow()
     session.flush()
     key = row.storage_key
     after_commit(session, lambda: _delete_bytes(storage, key))

@@ -1,13 +1,15 @@
 """`model` -> a servable checkpoint dir, scoped to the caller's project. Always runs in the API
 (never in the inference worker): 404 for unknown / other project's / deleted, 409 while the
-job that will produce the model has not succeeded."""
+job that will produce the model has not succeeded. Lookups go through the model repository."""
 
 from __future__ import annotations
 
-from sqlalchemy import or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.jobs.state import JobStatus
 from app.kit.errors import Conflict, NotFound
+from app.models_registry import repository
 from app.orm import Checkpoint, FineTunedModel, Job
 from ml.inference.types import ModelRef
 
@@ -21,15 +23,12 @@ class ModelDeleted(NotFound):
 
 
 def resolve_model(session: Session, project_id: str, model: str) -> ModelRef:
-    row = session.scalar(select(FineTunedModel).where(FineTunedModel.id == model,
-                                                      FineTunedModel.project_id == project_id))
+    row = repository.model_row(session, project_id, model)
     if row is not None:
         if row.deleted_at is not None:
             raise ModelDeleted(model, [row.storage_key])
         return _from_registry(model, row)
-    ckpt = session.scalar(select(Checkpoint).where(
-        Checkpoint.project_id == project_id,
-        or_(Checkpoint.id == model, Checkpoint.fine_tuned_model_checkpoint == model)).limit(1))
+    ckpt = repository.checkpoint_by_ref(session, project_id, model)
     if ckpt is not None:
         return _from_checkpoint(session, model, ckpt)
     _raise_if_pending(session, project_id, model)
@@ -48,8 +47,7 @@ def _from_checkpoint(session: Session, name: str, ckpt: Checkpoint) -> ModelRef:
     job = session.get(Job, ckpt.job_id)
     if job is None:
         raise NotFound(f"The model '{name}' does not exist.", param="model", code="model_not_found")
-    deleted = session.scalar(select(FineTunedModel).where(FineTunedModel.job_id == job.id,
-                                                          FineTunedModel.deleted_at.is_not(None)).limit(1))
+    deleted = repository.model_of_job(session, job.id, deleted=True)
     if deleted is not None:  # a deleted model's checkpoints stop serving with it
         raise ModelDeleted(name, [ckpt.storage_key, deleted.storage_key])
     config = job.config or {}
@@ -59,10 +57,11 @@ def _from_checkpoint(session: Session, name: str, ckpt: Checkpoint) -> ModelRef:
 
 
 def _raise_if_pending(session: Session, project_id: str, model: str) -> None:
-    """`ft:<base>:<project>:<suffix>:<job id>`: the job exists but has not produced the model yet."""
-    if not model.startswith("ft:"):
+    """An `ft:` name whose job exists but has not produced the model yet."""
+    parsed = repository.parse_ft_name(model)
+    if parsed is None:
         return
-    job = session.scalar(select(Job).where(Job.id == model.rsplit(":", 1)[-1], Job.project_id == project_id))
-    if job is not None and job.status != "succeeded":
+    job = session.scalar(select(Job).where(Job.id == parsed.job_id, Job.project_id == project_id))
+    if job is not None and job.status != JobStatus.succeeded:
         raise Conflict(f"The model '{model}' is not ready: its fine-tuning job {job.id} is {job.status}.",
                        param="model", code="model_not_ready")

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from app.auth.deps import CurrentProject
 from app.inference.resolve import ModelDeleted, resolve_model
 from app.inference.runtime import get_inference
 from app.inference.schemas import (
@@ -23,7 +24,7 @@ from app.inference.schemas import (
     PredictionRequest,
 )
 from app.inference.service import Inference, check_task
-from app.kit.deps import DB, CurrentProject
+from app.kit.deps import DB
 from ml.inference.types import GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
 
 log = logging.getLogger(__name__)

@@ -10,35 +10,37 @@ Formats:
 
 The archive is an uncompressed tar (weights don't compress) streamed with a known Content-Length:
 `<job>-<checkpoint>-<format>/` holding safetensors + config + tokenizer files + tunehouse.json (the
-checkpoint info plus an `export` section), never `training_state/`. Merged models are built once per
-checkpoint and cached in storage (`jobs/<id>/exports/<checkpoint>-merged`, put atomically).
+checkpoint info plus an `export` section), never `training_state/`.
+
+Files as stored (adapters, full / freeze models) stream right away. A LoRA's merged model takes model
+work, which the API never does (it never imports torch): a worker builds it once per checkpoint
+(`app.jobs.exports`, cached in storage at `jobs/<id>/exports/<checkpoint>-merged`); until it is ready
+the endpoint answers 202 with the export's status and a Retry-After.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.jobs import exports
+from app.jobs.schemas import ExportOut
 from app.jobs.service import get_job
 from app.kit.errors import InvalidRequest, NotFound
 from app.kit.storage import Storage
-from app.orm import Checkpoint, FineTunedModel, Project
+from app.models_registry import repository
+from app.orm import Project
+from ml.checkpoint import INFO_FILE, NOT_EXPORTED, adapter_kind, is_adapter_dir
 
 ExportFormat = Literal["adapter", "merged", "full"]
-INFO_FILE = "tunehouse.json"
-SKIP = {"training_state", "_COMPLETE", "README.md"}
 CHUNK = 1 << 20
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
@@ -56,15 +58,12 @@ def resolve_source(session: Session, project: Project, job_id: str, checkpoint_i
     """The stored checkpoint to export; anything outside the caller's project answers 404."""
     job = get_job(session, project, job_id)
     if checkpoint_id == "final":
-        model = session.scalar(select(FineTunedModel).where(
-            FineTunedModel.job_id == job.id, FineTunedModel.project_id == project.id,
-            FineTunedModel.deleted_at.is_(None)))
+        model = repository.model_of_job(session, job.id)  # `job` is already the caller's
         if model is None:
             raise NotFound(f"Job {job.id} has no final model (status {job.status}).", param="checkpoint_id",
                            code="checkpoint_not_found")
         return Source(job.id, "final", model.storage_key, model.id)
-    ckpt = session.scalar(select(Checkpoint).where(
-        Checkpoint.id == checkpoint_id, Checkpoint.job_id == job.id, Checkpoint.project_id == project.id))
+    ckpt = repository.job_checkpoint(session, project.id, job.id, checkpoint_id)
     if ckpt is None:
         raise NotFound(f"No checkpoint '{checkpoint_id}' in job {job.id}.", param="checkpoint_id",
                        code="checkpoint_not_found")
@@ -88,82 +87,22 @@ def _local_dir(storage: Storage, key: str) -> Path:
     return path
 
 
-def _adapter_type(ckpt: Path) -> str | None:
-    cfg = ckpt / "adapter_config.json"
-    return str(_read_json(cfg).get("peft_type", "")) if cfg.exists() else None
-
-
-def _fingerprint(ckpt: Path) -> str:
-    """Identifies the adapter a merged export was made from (a re-saved checkpoint invalidates it)."""
-    h = hashlib.sha256()
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        with open(ckpt / name, "rb") as fh:
-            while chunk := fh.read(CHUNK):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def _merge_into(ckpt: Path, base_dir: Path, out: Path) -> None:
-    from ml.checkpoint import read_info
-    from ml.modeling import load_adapter, load_task_model, load_tokenizer, quiet_transformers
-
-    info = read_info(ckpt)
-    tok = load_tokenizer(ckpt)
-    base = load_task_model(info.task, base_dir, tok, info.label_names)
-    merged = load_adapter(base, ckpt, trainable=False).merge_and_unload()
-    with quiet_transformers():  # transformers 5 writes safetensors only (safe_serialization is gone)
-        merged.save_pretrained(str(out))
-        tok.save_pretrained(str(out))
-
-
-def _base_dir(storage: Storage, ckpt: Path) -> Path:
-    from app.models_registry.catalog import base_model_path, get_spec
-
-    info = _read_json(ckpt / INFO_FILE)
-    if info.get("base_checkpoint_key"):  # an adapter trained on a from_checkpoint full model
-        return storage.local_dir(str(info["base_checkpoint_key"]))
-    return base_model_path(get_spec(str(info["base_model"])))
-
-
-def merged_dir(storage: Storage, source: Source, ckpt: Path) -> Path:
-    """The LoRA checkpoint merged into its base, built once and cached in storage."""
-    key = f"jobs/{source.job_id}/exports/{source.label}-merged"
-    fingerprint = _fingerprint(ckpt)
-    try:
-        cached = storage.local_dir(key)
-        if (cached / INFO_FILE).exists() and _read_json(cached / INFO_FILE).get("source") == fingerprint:
-            return cached
-    except FileNotFoundError:
-        pass
-    tmp = Path(tempfile.mkdtemp(prefix="merge-", dir=storage.staging_dir()))
-    try:
-        _merge_into(ckpt, _base_dir(storage, ckpt), tmp)
-        info = _read_json(ckpt / INFO_FILE)
-        (tmp / INFO_FILE).write_text(json.dumps({**info, "source": fingerprint}, indent=2))
-        storage.put_dir(key, tmp)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return storage.local_dir(key)
-
-
-def export_dir(storage: Storage, source: Source, fmt: ExportFormat | None) -> tuple[Path, ExportFormat]:
-    ckpt = _local_dir(storage, source.storage_key)
-    adapter = _adapter_type(ckpt)
+def _choose(ckpt: Path, label: str, fmt: ExportFormat | None) -> tuple[ExportFormat, bool]:
+    """(format, whether it takes merging a LoRA); a format the checkpoint can't give is a 400."""
+    adapter = adapter_kind(ckpt) if is_adapter_dir(ckpt) else None
     kind = _read_json(ckpt / INFO_FILE).get("training_type", "full")
     fmt = fmt or ("adapter" if adapter else "full")
-    if fmt == "adapter":
-        if adapter is None:
-            raise InvalidRequest(f"Checkpoint {source.label} is a {kind} fine-tune: it has no adapter. "
-                                 "Download format=full.", param="format", code="invalid_format")
-        return ckpt, fmt
-    if adapter is None:
-        return ckpt, fmt
+    if fmt == "adapter" and adapter is None:
+        raise InvalidRequest(f"Checkpoint {label} is a {kind} fine-tune: it has no adapter. "
+                             "Download format=full.", param="format", code="invalid_format")
+    if fmt == "adapter" or adapter is None:
+        return fmt, False
     if adapter != "LORA":
-        raise InvalidRequest(f"Checkpoint {source.label} is a {kind} adapter: prompt tuning learns virtual "
+        raise InvalidRequest(f"Checkpoint {label} is a {kind} adapter: prompt tuning learns virtual "
                              "tokens prepended to every input, which no weight of the base model can hold, "
                              "so it cannot be merged. Download format=adapter and load it with peft.",
                              param="format", code="invalid_format")
-    return merged_dir(storage, source, ckpt), fmt
+    return fmt, True
 
 
 # --- the tar stream -------------------------------------------------------------------------------
@@ -231,13 +170,12 @@ def _tarinfo(name: str, size: int, mtime: float) -> tarfile.TarInfo:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and not (set(p.relative_to(root).parts) & SKIP)
-                  and p.name != INFO_FILE)
+    return sorted(p for p in root.rglob("*") if p.is_file()
+                  and not (set(p.relative_to(root).parts) & NOT_EXPORTED) and p.name != INFO_FILE)
 
 
 def _export_info(directory: Path, source: Source, fmt: ExportFormat) -> bytes:
     info = _read_json(directory / INFO_FILE)
-    info.pop("source", None)
     info["export"] = {"format": fmt, "job_id": source.job_id, "checkpoint": source.label,
                       "fine_tuned_model": source.fine_tuned_model, "base_model": info.get("base_model"),
                       "merged": fmt != "adapter" and info.get("training_type") == "lora"}
@@ -262,8 +200,15 @@ def build_tar(directory: Path, source: Source, fmt: ExportFormat) -> TarExport:
 
 
 def prepare_download(session: Session, project: Project, storage: Storage, job_id: str, checkpoint_id: str,
-                     fmt: ExportFormat | None) -> TarExport:
+                     fmt: ExportFormat | None) -> TarExport | ExportOut:
+    """The tar to stream, or the merged export being built (the caller answers 202)."""
     source = resolve_source(session, project, job_id, checkpoint_id)
-    session.rollback()  # nothing to write: release the connection while a merge may take a while
-    directory, chosen = export_dir(storage, source, fmt)
-    return build_tar(directory, source, chosen)
+    ckpt = _local_dir(storage, source.storage_key)
+    chosen, merge = _choose(ckpt, source.label, fmt)
+    if not merge:
+        return build_tar(ckpt, source, chosen)
+    merged = exports.merged_export(session, storage, project_id=project.id, job_id=source.job_id,
+                                   checkpoint=source.label, source_key=source.storage_key, ckpt=ckpt)
+    if isinstance(merged, Path):
+        return build_tar(merged, source, chosen)
+    return exports.export_out(merged, chosen)

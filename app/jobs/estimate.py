@@ -2,10 +2,15 @@
 `estimated_finish` at job creation).
 
 Tokens: the stored files are tokenized with the base model's own tokenizer exactly the way the
-trainer builds its examples (`ml.training.data.token_lengths`: chat template, eos, truncation at
-max_seq_length, text windows), streaming over the records. Files above a row limit are estimated
+trainer builds its examples (`ml.data.tokens.token_lengths`: chat template, eos, truncation at
+max_seq_length, text windows), streaming over the records. No torch: the tokenizer is loaded without
+`AutoTokenizer`. Each thread has its own tokenizer instances (a fast tokenizer's truncation setting is
+per-instance state), so no lock is shared across requests. Files above a row limit are estimated
 from evenly spaced sample rows (JSONL: seeks, so a big file costs no more than a small one) and
 scaled by the file's row count. Counts are cached in `File.stats["token_counts"]`.
+
+Phases, so that tokenizing (seconds) holds no transaction: `plan` reads the database (files, cached
+counts, measured speed), `compute` tokenizes without a session, `store_counts` caches fresh counts.
 
 Speed: the mean `tokens_per_second` of the training metrics events of the most recent succeeded
 jobs with the same base model and training type ("measured"), else a default table ("default",
@@ -15,13 +20,10 @@ measured on a 2-core CPU box: a GPU is much faster, so the first succeeded job f
 from __future__ import annotations
 
 import json
-import logging
 import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
-from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -30,17 +32,18 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.kit.db import utcnow
+from app.jobs.state import JobStatus
 from app.kit.storage import Storage
-from app.models_registry.catalog import base_model_path, get_spec
+from app.models_registry.catalog import get_spec
 from app.orm import File, Job, JobEvent
+from app.settings import get_settings
 from ml.config import RecipeConfig, Task, TrainingKind
 from ml.data.formats import BOM, iter_records, normalize
+from ml.data.tokens import load_tokenizer_no_torch, token_lengths
+from ml.models.tokenizer_dir import tokenizer_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 FULL_COUNT_ROWS = 20_000  # the estimate endpoint counts every row up to this many, then samples
 QUICK_COUNT_ROWS = 2_000  # job creation (must stay fast) samples above this
@@ -61,7 +64,7 @@ FALLBACK_FULL_TOKENS_PER_SECOND = 300.0
 KIND_SPEED = {TrainingKind.full: 1.0, TrainingKind.lora: 4.7, TrainingKind.freeze: 7.3,
               TrainingKind.prompt_tuning: 4.0}
 
-_tokenizer_lock = threading.Lock()  # a fast tokenizer's truncation settings are not thread-safe
+_local = threading.local()  # per thread: {model id: tokenizer}
 
 
 class EstimateOut(BaseModel):
@@ -93,12 +96,14 @@ class TokenCount:
         return {"tokens": self.tokens, "examples": self.examples, "sampled": self.sampled}
 
 
-@lru_cache(maxsize=8)
 def base_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
-    """The catalog base model's tokenizer, from its local directory (never the network)."""
-    from ml.modeling import load_tokenizer
-
-    return load_tokenizer(base_model_path(get_spec(model_id)))
+    """This thread's instance of the catalog base model's tokenizer, from local files (never the network;
+    a builtin model's weights are not built for it). Never share it with another thread: calls set
+    truncation on the instance."""
+    cache: dict[str, PreTrainedTokenizerBase] = _local.__dict__.setdefault("tokenizers", {})
+    if model_id not in cache:
+        cache[model_id] = load_tokenizer_no_torch(tokenizer_dir(get_spec(model_id), get_settings().data_dir))
+    return cache[model_id]
 
 
 # --- reading rows ---------------------------------------------------------------------------------
@@ -133,17 +138,13 @@ def _chunks(records: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]
 
 
 def count_file_tokens(path: Path, kind: str, rows: int, cfg: RecipeConfig, limit: int) -> TokenCount:
-    from ml.training.data import token_lengths
-
     spec = get_spec(cfg.base_model)
     tok = base_tokenizer(spec.id)
     records, sampled = _rows(path, kind, rows, limit)
     tokens = examples = read = 0
-    with _tokenizer_lock:
-        for chunk in _chunks(records):
-            lengths = token_lengths(chunk, Task(cfg.task), tok, effective_max_len(cfg),
-                                    spec.architecture == "decoder")
-            tokens, examples, read = tokens + sum(lengths), examples + len(lengths), read + len(chunk)
+    for chunk in _chunks(records):
+        lengths = token_lengths(chunk, Task(cfg.task), tok, effective_max_len(cfg), spec.architecture == "decoder")
+        tokens, examples, read = tokens + sum(lengths), examples + len(lengths), read + len(chunk)
     scale = rows / read if sampled and read else 1.0
     return TokenCount(round(tokens * scale), round(examples * scale), sampled)
 
@@ -174,24 +175,27 @@ def _store(file: File, cfg: RecipeConfig, count: TokenCount) -> None:
     file.stats = {**stats, "token_counts": counts}  # a new dict: the JSON column sees the change
 
 
-def file_tokens(file: File | None, cfg: RecipeConfig, storage: Storage, *, limit: int,
-                write_cache: bool) -> TokenCount:
-    if file is None:
-        return TokenCount()
-    cached = _cached(file, cfg)
-    if cached is not None:
-        return cached
-    path = storage.local_file(file.storage_key)
-    count = count_file_tokens(path, (file.stats or {}).get("kind", "jsonl"), file.rows, cfg, limit)
-    if write_cache:
-        _store(file, cfg, count)
-    return count
+@dataclass(frozen=True)
+class StoredFile:
+    """A file to count, as its row read when the estimate was planned: no ORM object outlives the read."""
+
+    id: str
+    storage_key: str
+    kind: str
+    rows: int
+    sha256: str | None
+    cached: TokenCount | None
+
+    @classmethod
+    def of(cls, file: File, cfg: RecipeConfig) -> StoredFile:
+        return cls(file.id, file.storage_key, (file.stats or {}).get("kind", "jsonl"), file.rows, file.sha256,
+                   _cached(file, cfg))
 
 
 # --- speed and the estimate -----------------------------------------------------------------------
 
 def measured_tokens_per_second(session: Session, model: str, kind: str) -> float | None:
-    recent = (select(Job.id).where(Job.status == "succeeded", Job.model == model,
+    recent = (select(Job.id).where(Job.status == JobStatus.succeeded, Job.model == model,
                                    Job.training_type["type"].as_string() == kind)
               .order_by(Job.finished_at.desc()).limit(RECENT_JOBS))
     value = session.scalar(select(func.avg(JobEvent.data["tokens_per_second"].as_float())).where(
@@ -215,36 +219,63 @@ def _evaluations(cfg: RecipeConfig, steps: int, has_validation: bool) -> int:
     return math.ceil(steps / cfg.eval_every_steps) if cfg.eval_every_steps > 0 else cfg.n_epochs
 
 
-def estimate(session: Session, cfg: RecipeConfig, train: File, valid: File | None, storage: Storage, *,
-             limit: int | None = None, write_cache: bool = False) -> EstimateOut:
-    """`limit`: rows counted exactly before sampling (default FULL_COUNT_ROWS)."""
+@dataclass(frozen=True)
+class Plan:
+    """What an estimate needs from the database; `compute` needs no session."""
+
+    cfg: RecipeConfig
+    train: StoredFile
+    valid: StoredFile | None
+    measured_tps: float | None
+    limit: int  # rows counted exactly before sampling
+
+
+@dataclass(frozen=True)
+class Result:
+    out: EstimateOut
+    fresh: dict[str, TokenCount]  # file id -> counts made now (not from the cache)
+
+
+def plan(session: Session, cfg: RecipeConfig, train: File, valid: File | None, *,
+         limit: int | None = None) -> Plan:
+    """Reads only. `limit` defaults to FULL_COUNT_ROWS."""
     kind = TrainingKind(cfg.training_type.type)
-    limit = limit or FULL_COUNT_ROWS
-    t = file_tokens(train, cfg, storage, limit=limit, write_cache=write_cache)
-    v = file_tokens(valid, cfg, storage, limit=limit, write_cache=write_cache)
+    return Plan(cfg, StoredFile.of(train, cfg), StoredFile.of(valid, cfg) if valid else None,
+                measured_tokens_per_second(session, cfg.base_model, kind.value), limit or FULL_COUNT_ROWS)
+
+
+def _count(file: StoredFile | None, p: Plan, storage: Storage, fresh: dict[str, TokenCount]) -> TokenCount:
+    if file is None:
+        return TokenCount()
+    if file.cached is not None:
+        return file.cached
+    count = count_file_tokens(storage.local_file(file.storage_key), file.kind, file.rows, p.cfg, p.limit)
+    fresh[file.id] = count
+    return count
+
+
+def compute(p: Plan, storage: Storage) -> Result:
+    """Tokenizes (in this thread, no session). FileNotFoundError when a file's bytes are gone."""
+    cfg, kind = p.cfg, TrainingKind(p.cfg.training_type.type)
+    fresh: dict[str, TokenCount] = {}
+    t, v = _count(p.train, p, storage, fresh), _count(p.valid, p, storage, fresh)
     steps = _steps(cfg, t.examples)
-    measured = measured_tokens_per_second(session, cfg.base_model, kind.value)
-    tps = measured or default_tokens_per_second(cfg.base_model, kind)
-    work = t.tokens * cfg.n_epochs + EVAL_COST * v.tokens * _evaluations(cfg, steps, valid is not None)
-    return EstimateOut(
+    tps = p.measured_tps or default_tokens_per_second(cfg.base_model, kind)
+    work = t.tokens * cfg.n_epochs + EVAL_COST * v.tokens * _evaluations(cfg, steps, p.valid is not None)
+    out = EstimateOut(
         model=cfg.base_model, task=str(cfg.task), training_type=kind.value, train_tokens=t.tokens,
         validation_tokens=v.tokens, examples=t.examples, validation_examples=v.examples,
         n_epochs=cfg.n_epochs, batch_size=cfg.batch_size, steps=steps, trained_tokens=t.tokens * cfg.n_epochs,
         tokens_per_second=round(tps, 1), estimated_seconds=round(STARTUP_SECONDS + work / tps, 1),
-        basis="measured" if measured else "default", sampled=t.sampled or v.sampled,
+        basis="measured" if p.measured_tps else "default", sampled=t.sampled or v.sampled,
     )
+    return Result(out, fresh)
 
 
-def estimate_for_new_job(session: Session, job: Job, cfg: RecipeConfig, train: File, valid: File | None,
-                         storage: Storage) -> EstimateOut | None:
-    """Sets `estimated_finish` on a job being created. Quick (a sample of big files), never raises."""
-    try:
-        out = estimate(session, cfg, train, valid, storage, limit=QUICK_COUNT_ROWS)
-    except FileNotFoundError as exc:
-        log.info("no estimate for job %s: %s", job.id, exc)
-        return None
-    except Exception:
-        log.warning("could not estimate job %s", job.id, exc_info=True)
-        return None
-    job.estimated_finish = utcnow() + timedelta(seconds=out.estimated_seconds)
-    return out
+def store_counts(session: Session, p: Plan, fresh: dict[str, TokenCount]) -> None:
+    """Cache counts made by `compute`, unless the file changed since the plan read it."""
+    for file_id, count in fresh.items():
+        planned = p.train if p.train.id == file_id else p.valid
+        file = session.get(File, file_id)
+        if file is not None and planned is not None and file.sha256 == planned.sha256:
+            _store(file, p.cfg, count)

@@ -11,7 +11,8 @@ MIN_TARGET_EXAMPLES = 100  # aim for at least this many example-passes ...
 MAX_TARGET_EXAMPLES = 25_000  # ... and at most this many
 DEFAULT_EPOCHS = 3
 
-# Base learning rates per training type; `learning_rate_multiplier` scales them.
+# Base learning rates per training type for a model without measured ones (the catalog's
+# `learning_rates`, tuned with bench/quality.py); `learning_rate_multiplier` scales either.
 BASE_LR: dict[TrainingKind, float] = {
     TrainingKind.full: 5e-5,
     TrainingKind.lora: 2e-4,
@@ -36,7 +37,8 @@ def auto_batch_size(n_examples: int) -> int:
 
 
 def base_learning_rate(spec: BaseModelSpec, kind: TrainingKind) -> float:
-    return BASE_LR[kind] * spec.learning_rate_scale
+    tuned = spec.learning_rates.get(kind.value)
+    return tuned if tuned is not None else BASE_LR[kind] * spec.learning_rate_scale
 
 
 def resolve(

@@ -6,18 +6,17 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import ColumnElement, func, or_, select
 
+from app.jobs.state import CLAIMABLE, JobStatus, transition
 from app.kit.db import session_scope, utcnow
 from app.orm import Job
 from app.settings import get_settings
 from ml.config import Interrupt
 
 log = logging.getLogger(__name__)
-
-CLAIMABLE = ("queued", "validating_files")
 
 
 @dataclass
@@ -27,29 +26,24 @@ class Claim:
     attempt: int
 
 
+def _claimable_now(now: datetime) -> list[ColumnElement[bool]]:
+    """Attempts left, and a running job only once its lease ran out (its worker died)."""
+    return [Job.attempt < Job.max_attempts, or_(Job.status != JobStatus.running, Job.lease_expires_at < now)]
+
+
 def claim(job_id: str, worker_id: str) -> Claim | None:
     """Take the job if it is queued, or running with an expired lease (its worker died)."""
     now = utcnow()
     lease = timedelta(seconds=get_settings().lease_seconds)
-    stmt = (
-        update(Job)
-        .where(Job.id == job_id, Job.attempt < Job.max_attempts,
-               or_(Job.status.in_(CLAIMABLE), (Job.status == "running") & (Job.lease_expires_at < now)))
-        .values(status="running", lease_owner=worker_id, lease_expires_at=now + lease, heartbeat_at=now,
-                attempt=Job.attempt + 1, pause_requested=False)
-        .returning(Job.attempt)
-    )
     with session_scope() as s:
-        attempt = s.execute(stmt).scalar_one_or_none()
-        if attempt is not None:
-            job = s.get(Job, job_id)
-            if job is not None and job.started_at is None:
-                job.started_at = now
-    return Claim(job_id, worker_id, attempt) if attempt is not None else None
-
-
-def owned(s_job: Job | None, worker_id: str) -> bool:
-    return s_job is not None and s_job.status == "running" and s_job.lease_owner == worker_id
+        if not transition(s, job_id, to=JobStatus.running, from_=CLAIMABLE | {JobStatus.running},
+                          where=_claimable_now(now), lease_owner=worker_id, lease_expires_at=now + lease,
+                          heartbeat_at=now, attempt=Job.attempt + 1, pause_requested=False,
+                          started_at=func.coalesce(Job.started_at, now)):
+            return None
+        attempt = s.scalar(select(Job.attempt).where(Job.id == job_id))  # our update holds the row lock
+    assert attempt is not None
+    return Claim(job_id, worker_id, attempt)
 
 
 class Heartbeat:
@@ -87,20 +81,20 @@ class Heartbeat:
     def _renew(self) -> None:
         now = utcnow()
         with session_scope() as s:
-            res = s.execute(update(Job).where(
-                Job.id == self.claim.job_id, Job.lease_owner == self.claim.worker_id, Job.status == "running",
-            ).values(lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds), heartbeat_at=now))
-            if res.rowcount == 0 and self.interrupt is None:  # type: ignore[attr-defined]
-                self._poll_flags()
-                self.interrupt = self.interrupt or Interrupt.lease_lost
+            renewed = transition(s, self.claim.job_id, to=None, from_={JobStatus.running},
+                                 owner=self.claim.worker_id, heartbeat_at=now,
+                                 lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds))
+        if not renewed and self.interrupt is None:
+            self._poll_flags()
+            self.interrupt = self.interrupt or Interrupt.lease_lost
 
     def _poll_flags(self) -> None:
         with session_scope() as s:
             row = s.execute(select(Job.status, Job.lease_owner, Job.pause_requested).where(
                 Job.id == self.claim.job_id)).first()
-        if row is None or row.status == "cancelled":
+        if row is None or row.status == JobStatus.cancelled:
             self.interrupt = Interrupt.cancelled
-        elif row.status != "running" or row.lease_owner != self.claim.worker_id:
+        elif row.status != JobStatus.running or row.lease_owner != self.claim.worker_id:
             self.interrupt = Interrupt.lease_lost
         elif row.pause_requested:
             self.interrupt = Interrupt.paused

@@ -9,11 +9,12 @@ import threading
 from datetime import timedelta
 from functools import partial
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.jobs.events import add_event
 from app.jobs.queue import send_run_job
+from app.jobs.state import JobStatus, transition
 from app.kit.db import after_commit, session_scope, utcnow
 from app.orm import Job
 from app.settings import get_settings
@@ -24,18 +25,18 @@ log = logging.getLogger(__name__)
 
 def _expired(s: Session, job: Job) -> None:
     now = utcnow()
-    cond = (Job.id == job.id, Job.status == "running", Job.lease_expires_at < now)
+    # Still running under the same expired lease: a heartbeat or a settling write may have come since.
+    cond = (Job.lease_expires_at < now,)
+    running, owner = {JobStatus.running}, job.lease_owner
     if job.attempt >= job.max_attempts:
         msg = (f"The worker running this job stopped responding on {job.attempt} attempts; giving up "
                f"(max_attempts={job.max_attempts}).")
-        if s.execute(update(Job).where(*cond).values(
-                status="failed", finished_at=now, lease_owner=None,
-                error={"code": "worker_lost", "message": msg, "param": None})).rowcount:  # type: ignore[attr-defined]
+        if transition(s, job.id, to=JobStatus.failed, from_=running, owner=owner, where=cond,
+                      error={"code": "worker_lost", "message": msg, "param": None}):
             add_event(s, job.id, msg, level="error")
             notify_terminal(s, job.id)
         return
-    if s.execute(update(Job).where(*cond).values(
-            status="queued", lease_owner=None, enqueued_at=now)).rowcount:  # type: ignore[attr-defined]
+    if transition(s, job.id, to=JobStatus.queued, from_=running, owner=owner, where=cond, enqueued_at=now):
         add_event(s, job.id, f"Worker lost on attempt {job.attempt} (lease expired); re-queued to resume "
                              "from the last checkpoint", level="warn")
         after_commit(s, partial(send_run_job, job.id))
@@ -46,14 +47,15 @@ def reap_once() -> dict[str, int]:
     now = utcnow()
     stale = now - timedelta(seconds=max(settings.reaper_interval_seconds * 2, 30))
     with session_scope() as s:
-        expired = list(s.scalars(select(Job).where(Job.status == "running", Job.lease_expires_at < now)))
+        expired = list(s.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)))
         for job in expired:
             _expired(s, job)
         # Queued but never claimed for a while: the message may be gone. Duplicates are no-ops.
-        lost = list(s.scalars(select(Job).where(Job.status == "queued", Job.enqueued_at < stale)))
+        lost = list(s.scalars(select(Job).where(Job.status == JobStatus.queued, Job.enqueued_at < stale)))
         for job in lost:
-            job.enqueued_at = now
-            after_commit(s, partial(send_run_job, job.id))
+            if transition(s, job.id, to=None, from_={JobStatus.queued}, where=(Job.enqueued_at < stale,),
+                          enqueued_at=now):
+                after_commit(s, partial(send_run_job, job.id))
     if expired or lost:
         log.info("reaper: %d expired, %d re-sent", len(expired), len(lost))
     return {"expired": len(expired), "resent": len(lost)}

@@ -6,14 +6,15 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.jobs import download, service
+from app.auth.deps import CurrentProject
+from app.jobs import download, exports, service
 from app.jobs.estimate import EstimateOut
-from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
+from app.jobs.schemas import CheckpointOut, EventOut, ExportOut, JobCreate, JobOut
 from app.kit.db import get_sessionmaker
-from app.kit.deps import DB, CurrentProject
+from app.kit.deps import DB
 from app.kit.errors import InvalidRequest
 from app.kit.pagination import ListPage, page
 from app.kit.storage import get_storage
@@ -124,12 +125,17 @@ def list_checkpoints(job_id: str, db: DB, project: CurrentProject, after: str | 
     return page([service.checkpoint_out(c) for c in rows], has_more)
 
 
-@router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/download", response_class=StreamingResponse)
+@router.get("/jobs/{job_id}/checkpoints/{checkpoint_id}/download", response_class=StreamingResponse,
+            responses={202: {"model": ExportOut, "description": "A worker is building the merged model"}})
 def download_checkpoint(job_id: str, checkpoint_id: str, db: DB, project: CurrentProject,
                         fmt: Annotated[download.ExportFormat | None, Query(alias="format")] = None,
-                        ) -> StreamingResponse:
-    """Extension: a tar of the weights (`checkpoint_id` may be `final`); `format` adapter | merged | full."""
+                        ) -> Response:
+    """Extension: a tar of the weights (`checkpoint_id` may be `final`); `format` adapter | merged | full.
+    A LoRA's merged / full model is built by a worker first: 202 with its status until it is ready."""
     export = download.prepare_download(db, project, get_storage(), job_id, checkpoint_id, fmt)
+    if isinstance(export, ExportOut):
+        return JSONResponse(export.model_dump(mode="json"), status_code=202,
+                            headers={"Retry-After": str(exports.RETRY_AFTER_SECONDS)})
     headers = {"Content-Disposition": f'attachment; filename="{export.filename}"',
                "Content-Length": str(export.content_length())}
     return StreamingResponse(export.stream(), media_type="application/x-tar", headers=headers)

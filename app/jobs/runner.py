@@ -15,21 +15,24 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app.files.status import FileStatus
 from app.jobs.events import add_event
-from app.jobs.lease import Claim, Heartbeat, claim, owned
+from app.jobs.lease import Claim, Heartbeat, claim
 from app.jobs.service import fine_tuned_model_name
+from app.jobs.state import JobStatus, transition
 from app.kit import ids
 from app.kit.db import after_commit, session_scope, utcnow
-from app.kit.storage import Storage, get_storage
+from app.kit.storage import Storage, get_storage, staged_file
+from app.models_registry import repository
 from app.models_registry.catalog import local_base
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal
 from ml.checkpoint import CheckpointInfo, has_training_state
 from ml.config import EventLevel, Interrupt, RecipeConfig, TrainOutcome
+from ml.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +73,7 @@ class JobHooks:
         if eta is not None:
             values["estimated_finish"] = utcnow() + timedelta(seconds=eta)
         with session_scope() as s:
-            s.execute(update(Job).where(Job.id == self.job_id, Job.lease_owner == self.claim.worker_id,
-                                        Job.status == "running").values(**values))
+            _settle(s, self.claim, None, **values)
 
     def interrupted(self) -> Interrupt | None:
         return self.hb.interrupt
@@ -80,14 +82,13 @@ class JobHooks:
         key = f"jobs/{self.job_id}/checkpoints/step-{info.step:08d}"
         self.storage.put_dir(key, local_dir)
         with session_scope() as s:
-            if not owned(s.get(Job, self.job_id), self.claim.worker_id):
+            if not _settle(s, self.claim, None, heartbeat_at=utcnow()):  # locks the row until commit
                 return
-            row = s.scalar(select(Checkpoint).where(Checkpoint.job_id == self.job_id,
-                                                    Checkpoint.step == info.step))
+            row = repository.checkpoint_at(s, self.job_id, info.step)
             if row is None:
                 row = Checkpoint(id=ids.checkpoint_id(), job_id=self.job_id, project_id=self.project_id,
                                  step=info.step, storage_key=key,
-                                 fine_tuned_model_checkpoint=f"{self.ft_name}:ckpt-step-{info.step}")
+                                 fine_tuned_model_checkpoint=repository.checkpoint_name(self.ft_name, info.step))
                 s.add(row)
             row.epoch, row.metrics = info.epoch, dict(info.metrics)
             s.flush()
@@ -102,7 +103,7 @@ def prune_checkpoints(s: Session, storage: Storage, job_id: str, keep: int) -> l
     Weights are deleted only once the rows' deletion is committed."""
     if keep <= 0:
         return []
-    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step.desc())))
+    rows = repository.job_checkpoints(s, job_id)
     doomed = [c for c in rows[keep:] if not c.is_best]
     for c in doomed:
         s.delete(c)
@@ -112,7 +113,8 @@ def prune_checkpoints(s: Session, storage: Storage, job_id: str, keep: int) -> l
 
 
 def _mark_best(s: Any, job_id: str) -> None:
-    rows = list(s.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)))
+    rows = repository.job_checkpoints(s, job_id)
+
     def score(c: Checkpoint) -> float:
         return float(c.metrics.get("valid_loss", c.metrics.get("train_loss", float("inf"))))
     best = min(rows, key=score, default=None)
@@ -134,7 +136,7 @@ def run_job(job_id: str, worker_id: str) -> str:
         except Exception as exc:
             log.exception("job failed", extra={"job_id": job_id})
             _fail(got, exc)
-            return "failed"
+            return JobStatus.failed
 
 
 def _load(job_id: str) -> tuple[Job, RecipeConfig, str, Checkpoint | None]:
@@ -143,8 +145,7 @@ def _load(job_id: str) -> tuple[Job, RecipeConfig, str, Checkpoint | None]:
         assert job is not None
         project = s.get(Project, job.project_id)
         assert project is not None
-        latest = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job_id)
-                          .order_by(Checkpoint.step.desc()).limit(1))
+        latest = repository.latest_checkpoint(s, job_id)
         s.expunge_all()
     return job, RecipeConfig.model_validate(job.config), fine_tuned_model_name(job, project), latest
 
@@ -185,19 +186,28 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+def _settle(s: Session, got: Claim, to: JobStatus | None, **values: Any) -> bool:
+    """A write of this worker's: only while the job is running under its lease. False means a cancel
+    or the reaper got there first; that outcome stands and nothing that depends on this one is written."""
+    return transition(s, got.job_id, to=to, from_={JobStatus.running}, owner=got.worker_id, **values)
+
+
 def _interrupted(got: Claim, outcome: TrainOutcome) -> str:
     reason = outcome.interrupt or Interrupt.lease_lost
     with session_scope() as s:
-        job = s.get(Job, got.job_id)
-        if reason is Interrupt.paused and owned(job, got.worker_id):
-            # A pause is not a lost worker: give the attempt back so pauses never use up max_attempts.
-            s.execute(update(Job).where(Job.id == got.job_id).values(
-                status="paused", pause_requested=False, lease_owner=None, lease_expires_at=None,
-                attempt=Job.attempt - 1))
-            add_event(s, got.job_id, f"Job paused at step {outcome.step}; resume continues from here")
-        elif reason is Interrupt.cancelled:
+        if reason is Interrupt.paused:
+            return _pause(s, got, outcome.step)
+        if reason is Interrupt.cancelled:
             add_event(s, got.job_id, f"Training stopped at step {outcome.step} after cancellation")
     return reason.value
+
+
+def _pause(s: Session, got: Claim, step: int) -> str:
+    # A pause is not a lost worker: give the attempt back so pauses never use up max_attempts.
+    if not _settle(s, got, JobStatus.paused, pause_requested=False, attempt=Job.attempt - 1):
+        return Interrupt.lease_lost.value
+    add_event(s, got.job_id, f"Job paused at step {step}; resume continues from here")
+    return Interrupt.paused.value
 
 
 def _result_csv(rows: list[dict[str, Any]]) -> bytes:
@@ -214,35 +224,37 @@ def _store_result_file(s: Any, storage: Storage, job: Job, rows: list[dict[str, 
     file_id = ids.file_id()
     key = f"files/{job.project_id}/{file_id}.csv"
     data = _result_csv(rows)
-    tmp = Path(tempfile.mkstemp(dir=storage.staging_dir(), suffix=".csv")[1])
-    tmp.write_bytes(data)
-    storage.put_file(key, tmp)
+    with staged_file(storage, suffix=".csv") as tmp:
+        tmp.write_bytes(data)
+        storage.put_file(key, tmp)
     s.add(File(id=file_id, project_id=job.project_id, purpose="fine-tune-results", filename="step_metrics.csv",
-               bytes=len(data), status="processed", format="csv", rows=len(rows), storage_key=key,
+               bytes=len(data), status=FileStatus.processed, format="csv", rows=len(rows), storage_key=key,
                stats={"kind": "csv"}))
     return file_id
 
 
 def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: CheckpointInfo,
              outcome: TrainOutcome, ft_name: str, evaluation: dict[str, Any] | None = None) -> str:
-    key = f"jobs/{got.job_id}/final"
+    # One key per attempt: a worker that lost the job never overwrites the weights the winner registered.
+    key = f"jobs/{got.job_id}/final-{got.attempt}"
     storage.put_dir(key, final)
     with session_scope() as s:
-        job = s.get(Job, got.job_id)
-        if not owned(job, got.worker_id):
+        # Settle first: the rest (model, result file, events, webhook) is written only if this hit.
+        if not _settle(s, got, JobStatus.succeeded, fine_tuned_model=ft_name,
+                       trained_tokens=outcome.trained_tokens):
+            after_commit(s, partial(storage.delete, key))
             return "lease_lost"
+        job = s.get(Job, got.job_id)
         assert job is not None
-        best = s.scalar(select(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.is_best))
+        _late_pause(s, job)
+        best = repository.best_checkpoint(s, job.id)
         base = job.config.get("base_model", job.model)
         s.add(FineTunedModel(id=ft_name, project_id=job.project_id, job_id=job.id, base_model=base, task=job.task,
                              training_type=info.training_type.value, storage_key=key,
                              checkpoint_id=best.id if best else None,
                              info={"label_names": info.label_names, "metrics": outcome.final_metrics,
                                    "best_checkpoint": best.id if best else None}))
-        result_file = _store_result_file(s, storage, job, hooks.metric_rows)
-        job.status, job.fine_tuned_model, job.finished_at = "succeeded", ft_name, utcnow()
-        job.trained_tokens, job.result_files = outcome.trained_tokens, [result_file]
-        job.lease_owner, job.lease_expires_at = None, None
+        job.result_files = [_store_result_file(s, storage, job, hooks.metric_rows)]
         job.progress = {**(job.progress or {}), "step": outcome.step, "eta_seconds": 0}
         if outcome.stopped_early:
             add_event(s, job.id, f"Early stopping at step {outcome.step}: validation loss stopped improving")
@@ -254,19 +266,24 @@ def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: C
         add_event(s, job.id, f"New fine-tuned model created: {ft_name}")
         add_event(s, job.id, "The job has successfully completed")
         notify_terminal(s, job.id)
-    return "succeeded"
+    return JobStatus.succeeded
+
+
+def _late_pause(s: Session, job: Job) -> None:
+    """Training finished before the worker saw a pause request: the result stands, the request is
+    answered with an event instead of being dropped."""
+    if job.pause_requested:
+        job.pause_requested = False
+        add_event(s, job.id, "Pause request came too late: training had already finished", level="warn")
 
 
 def _fail(got: Claim, exc: Exception) -> None:
-    user_error = isinstance(exc, ValueError)
-    code = "invalid_training_data" if user_error else "internal_error"
+    # Only the library's own input errors are the user's to fix; anything else (torch, peft, a bug) is ours.
+    user_error = isinstance(exc, InputError)
+    code = exc.code if isinstance(exc, InputError) else "internal_error"
     message = str(exc) if user_error else f"Training failed: {type(exc).__name__}: {exc}"
     with session_scope() as s:
-        job = s.get(Job, got.job_id)
-        if not owned(job, got.worker_id):
+        if not _settle(s, got, JobStatus.failed, error={"code": code, "message": message[:2000], "param": None}):
             return
-        s.execute(update(Job).where(Job.id == got.job_id).values(
-            status="failed", error={"code": code, "message": message[:2000], "param": None},
-            finished_at=utcnow(), lease_owner=None, lease_expires_at=None))
         add_event(s, got.job_id, f"Job failed: {message[:2000]}", level="error")
         notify_terminal(s, got.job_id)

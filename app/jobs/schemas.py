@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from app.jobs.state import ExportStatus
 from ml.config import Task, TrainingKind
 from ml.data.cleaning import CleaningIn
 
@@ -98,6 +99,9 @@ class JobCreate(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=1)
     gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
     lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="stop after this many optimizer steps")
+    max_train_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600,
+                                          description="stop once training has run this long")
     checkpoint_every_steps: int = Field(0, ge=0)
     eval_every_steps: int = Field(0, ge=0)
     early_stopping: EarlyStoppingIn | None = None
@@ -184,3 +188,17 @@ class CheckpointOut(BaseModel):
     # extensions
     epoch: float
     is_best: bool
+
+
+class ExportOut(BaseModel):
+    """Extension: the 202 of a merged / full download while a worker builds it (`app.jobs.exports`)."""
+
+    id: str
+    object: Literal["fine_tuning.export"] = "fine_tuning.export"
+    status: ExportStatus
+    format: str  # as asked: a LoRA's `full` model is its merged model
+    fine_tuning_job_id: str
+    checkpoint: str  # a checkpoint id or "final"
+    created_at: int
+    updated_at: int
+    error: dict[str, Any] | None = None

@@ -6,27 +6,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
+from collections.abc import Collection
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.files.service import get_file
-from app.jobs import hyperparams
-from app.jobs.estimate import EstimateOut, estimate, estimate_for_new_job
+from app.jobs import estimate, hyperparams, state
+from app.jobs.estimate import EstimateOut
 from app.jobs.events import add_event
 from app.jobs.queue import enqueue_job
 from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
+from app.jobs.state import JobStatus
 from app.kit import ids
 from app.kit.db import utcnow
 from app.kit.errors import Conflict, InvalidRequest, NotFound
-from app.kit.pagination import paginate_desc
+from app.kit.pagination import paginate
 from app.kit.storage import get_storage
+from app.models_registry import repository
 from app.models_registry.catalog import check_supports, get_spec
-from app.orm import Checkpoint, File, FineTunedModel, Job, JobEvent, Project
+from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal
 from ml.config import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
@@ -34,8 +37,7 @@ from ml.data.formats import TASK_FORMATS, Format
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("validating_files", "queued", "running", "paused")
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = state.TERMINAL  # the SSE stream ends on these
 
 
 # --- lookups --------------------------------------------------------------------------------
@@ -50,10 +52,10 @@ def get_job(session: Session, project: Project, job_id: str) -> Job:
 
 def queue_position(session: Session, job: Job) -> int | None:
     """1-based position among queued jobs of every project (they share the GPUs)."""
-    if job.status != "queued":
+    if job.status != JobStatus.queued:
         return None
     ahead = session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == "queued", Job.created_at < job.created_at))
+        Job.status == JobStatus.queued, Job.created_at < job.created_at))
     return int(ahead or 0) + 1
 
 
@@ -109,17 +111,10 @@ def _check_files(train: File, valid: File | None, task: Task) -> None:
                              param="validation_file", code="invalid_file_format")
 
 
-def _ft_name(base: str, project: Project, suffix: str | None, job_id: str) -> str:
-    org = re.sub(r"[^A-Za-z0-9_-]", "-", project.name)
-    return f"ft:{base}:{org}:{suffix or ''}:{job_id}"
-
-
 def _init_checkpoint(session: Session, project: Project, ref: str | None) -> str | None:
     if ref is None:
         return None
-    ckpt = session.scalar(select(Checkpoint).where(
-        Checkpoint.project_id == project.id,
-        (Checkpoint.id == ref) | (Checkpoint.fine_tuned_model_checkpoint == ref)))
+    ckpt = repository.checkpoint_by_ref(session, project.id, ref)
     if ckpt is None:
         raise NotFound(f"No checkpoint '{ref}' in this project.", param="from_checkpoint",
                        code="checkpoint_not_found")
@@ -132,9 +127,7 @@ def _base_of(session: Session, project: Project, body: JobCreate) -> tuple[str, 
     init_key = _init_checkpoint(session, project, body.from_checkpoint)
     if not body.model.startswith("ft:"):
         return body.model, init_key
-    row = session.scalar(select(FineTunedModel).where(
-        FineTunedModel.id == body.model, FineTunedModel.project_id == project.id,
-        FineTunedModel.deleted_at.is_(None)))
+    row = repository.live_model(session, project.id, body.model)
     if row is None:
         raise NotFound(f"The model '{body.model}' does not exist.", param="model", code="model_not_found")
     return row.base_model, init_key or row.storage_key
@@ -165,6 +158,7 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
         learning_rate=float(resolved["learning_rate"]), max_seq_length=max_len,
         warmup_ratio=body.warmup_ratio, weight_decay=body.weight_decay,
         gradient_accumulation_steps=body.gradient_accumulation_steps, lr_scheduler=body.lr_scheduler,
+        max_steps=body.max_steps, max_train_seconds=body.max_train_seconds,
         training_file_key=train.storage_key, training_file_kind=(train.stats or {}).get("kind", "jsonl"),
         validation_file_key=valid.storage_key if valid else None,
         validation_file_kind=(valid.stats or {}).get("kind", "jsonl") if valid else "jsonl",
@@ -209,17 +203,49 @@ def validate_spec(session: Session, project: Project, body: JobCreate,
     return Spec(train, valid, cfg, hp, seed)
 
 
+def _end_read(session: Session) -> None:
+    """Ends the request's read-only transaction before tokenizing (seconds of CPU that need no row), so
+    no connection, snapshot or file lock is held meanwhile; later statements start a new one."""
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("pending writes before an estimate")
+    session.rollback()
+
+
+def _check_examples(out: EstimateOut, cfg: RecipeConfig) -> None:
+    if out.examples == 0:  # the job would fail the same way in the worker
+        raise InvalidRequest(f"No usable training examples after tokenization at max_seq_length "
+                             f"{cfg.max_seq_length}: nothing is left to learn from.", param="max_seq_length")
+
+
 def estimate_job(session: Session, project: Project, body: JobCreate) -> EstimateOut:
     spec = validate_spec(session, project, body)
+    plan = estimate.plan(session, spec.cfg, spec.train, spec.valid)
+    _end_read(session)
     try:
-        out = estimate(session, spec.cfg, spec.train, spec.valid, get_storage(), write_cache=True)
+        result = estimate.compute(plan, get_storage())
     except FileNotFoundError:
         raise NotFound("The content of a file of this request is no longer stored.", param="training_file",
                        code="file_not_found") from None
-    if out.examples == 0:  # the job would fail the same way in the worker
-        raise InvalidRequest(f"No usable training examples after tokenization at max_seq_length "
-                             f"{spec.cfg.max_seq_length}: nothing is left to learn from.",
-                             param="max_seq_length")
+    _check_examples(result.out, spec.cfg)
+    estimate.store_counts(session, plan, result.fresh)
+    return result.out
+
+
+def _creation_estimate(session: Session, project: Project, body: JobCreate) -> EstimateOut | None:
+    """Quick (a sample of big files) and made before the job's transaction; None when it can't be made
+    (the job is created without one), a 400 when nothing is left to train on."""
+    spec = validate_spec(session, project, body)
+    plan = estimate.plan(session, spec.cfg, spec.train, spec.valid, limit=estimate.QUICK_COUNT_ROWS)
+    _end_read(session)
+    try:
+        out = estimate.compute(plan, get_storage()).out
+    except FileNotFoundError as exc:
+        log.info("no estimate for a new job on %s: %s", spec.cfg.base_model, exc)
+        return None
+    except Exception:
+        log.warning("could not estimate a new job on %s", spec.cfg.base_model, exc_info=True)
+        return None
+    _check_examples(out, spec.cfg)
     return out
 
 
@@ -227,13 +253,14 @@ def create_job(session: Session, project: Project, body: JobCreate, idempotency_
     request_hash = _request_hash(body)
     if idempotency_key and (prior := _existing_for_key(session, project, idempotency_key, request_hash)):
         return prior
-    spec = validate_spec(session, project, body, lock="share")
+    est = _creation_estimate(session, project, body)
+    spec = validate_spec(session, project, body, lock="share")  # again: the files may have gone meanwhile
     train, valid, cfg, hp, seed = spec.train, spec.valid, spec.cfg, spec.hyperparameters, spec.seed
     job = Job(
         id=ids.job_id(), project_id=project.id, model=body.model, training_file=train.id,
         validation_file=valid.id if valid else None, suffix=body.suffix, seed=seed, task=body.task.value,
         training_type=cfg.training_type.model_dump(mode="json"), hyperparameters=hp,
-        config=cfg.model_dump(mode="json"), status="validating_files", user_metadata=body.metadata,
+        config=cfg.model_dump(mode="json"), status=JobStatus.validating_files, user_metadata=body.metadata,
         idempotency_key=idempotency_key, request_hash=request_hash, webhook_url=body.webhook_url,
         max_attempts=get_settings().max_attempts, result_files=[], progress={},
     )
@@ -249,15 +276,15 @@ def create_job(session: Session, project: Project, body: JobCreate, idempotency_
     add_event(session, job.id, f"Validated training file: {train.id} ({train.rows} examples, {train.format})")
     if valid:
         add_event(session, job.id, f"Validated validation file: {valid.id} ({valid.rows} examples)")
-    _add_estimate(session, job, spec)
+    _add_estimate(session, job, est)
     mark_queued(session, job)
     return job
 
 
-def _add_estimate(session: Session, job: Job, spec: Spec) -> None:
-    est = estimate_for_new_job(session, job, spec.cfg, spec.train, spec.valid, get_storage())
+def _add_estimate(session: Session, job: Job, est: EstimateOut | None) -> None:
     if est is None:
         return
+    job.estimated_finish = utcnow() + timedelta(seconds=est.estimated_seconds)
     session.flush()
     add_event(session, job.id, f"Estimated {est.trained_tokens:,} training tokens in {est.steps} steps, "
                                f"about {est.estimated_seconds:.0f} s ({est.basis} speed)",
@@ -265,26 +292,27 @@ def _add_estimate(session: Session, job: Job, spec: Spec) -> None:
 
 
 def mark_queued(session: Session, job: Job) -> None:
-    job.status = "queued"
-    job.enqueued_at = utcnow()
     session.flush()
+    if not _transition(session, job, JobStatus.queued, {JobStatus.validating_files}, enqueued_at=utcnow()):
+        return  # no longer validating (cancelled): nothing to enqueue
     add_event(session, job.id, "Fine-tuning job enqueued")
     enqueue_job(session, job.id)
 
 
 # --- transitions ----------------------------------------------------------------------------
 
-def _transition(session: Session, job: Job, allowed: tuple[str, ...], values: dict[str, Any]) -> bool:
-    """Conditional update: only from `allowed` statuses, so racing workers can't clobber it."""
-    res = session.execute(update(Job).where(Job.id == job.id, Job.status.in_(allowed)).values(**values))
+def _transition(session: Session, job: Job, to: JobStatus | None, from_: Collection[JobStatus],
+                **values: Any) -> bool:
+    """`state.transition`, then `job` shows the row as it is now (the winner's status on a lost race)."""
+    hit = state.transition(session, job.id, to=to, from_=from_, **values)
     session.refresh(job)
-    return bool(res.rowcount)  # type: ignore[attr-defined]
+    return hit
 
 
 def cancel_job(session: Session, project: Project, job_id: str) -> Job:
     job = get_job(session, project, job_id)
-    if not _transition(session, job, ACTIVE, {"status": "cancelled", "cancel_requested": True,
-                                              "finished_at": utcnow()}):
+    if not _transition(session, job, JobStatus.cancelled, state.ACTIVE, cancel_requested=True,
+                       pause_requested=False):
         raise Conflict(f"Job {job.id} is already {job.status} and cannot be cancelled.",
                        param="fine_tuning_job_id", code="job_not_cancellable")
     add_event(session, job.id, "Job cancelled by the user; checkpoints are kept")
@@ -293,22 +321,24 @@ def cancel_job(session: Session, project: Project, job_id: str) -> Job:
 
 
 def pause_job(session: Session, project: Project, job_id: str) -> Job:
+    """A job not yet running pauses at once; a running one is asked to (its worker saves a checkpoint
+    and settles it as paused, unless it finishes first). Tried in the order a job moves, so a claim
+    racing this request is caught by the second update."""
     job = get_job(session, project, job_id)
-    if job.status == "running":
-        _transition(session, job, ("running",), {"pause_requested": True})
+    if _transition(session, job, JobStatus.paused, state.CLAIMABLE):
+        add_event(session, job.id, "Job paused")
+        return job
+    if _transition(session, job, None, {JobStatus.running}, pause_requested=True):
         add_event(session, job.id, "Pause requested; the worker saves a checkpoint and stops")
         return job
-    if not _transition(session, job, ("queued", "validating_files"), {"status": "paused"}):
-        raise Conflict(f"Job {job.id} is {job.status} and cannot be paused.", param="fine_tuning_job_id",
-                       code="job_not_pausable")
-    add_event(session, job.id, "Job paused")
-    return job
+    raise Conflict(f"Job {job.id} is {job.status} and cannot be paused.", param="fine_tuning_job_id",
+                   code="job_not_pausable")
 
 
 def resume_job(session: Session, project: Project, job_id: str) -> Job:
     job = get_job(session, project, job_id)
-    if not _transition(session, job, ("paused",), {"status": "queued", "pause_requested": False,
-                                                   "enqueued_at": utcnow()}):
+    if not _transition(session, job, JobStatus.queued, {JobStatus.paused}, pause_requested=False,
+                       enqueued_at=utcnow()):
         raise Conflict(f"Job {job.id} is {job.status}; only paused jobs can be resumed.",
                        param="fine_tuning_job_id", code="job_not_paused")
     add_event(session, job.id, "Job resumed; it continues from its last checkpoint")
@@ -323,14 +353,14 @@ def list_jobs(session: Session, project: Project, after: str | None, limit: int,
     stmt = select(Job).where(Job.project_id == project.id)
     for key, value in (metadata or {}).items():
         stmt = stmt.where(Job.user_metadata[key].as_string() == value)
-    return paginate_desc(session, stmt, Job, after, limit, Job.created_at)
+    return paginate(session, stmt, Job, after, limit, Job.created_at)
 
 
 def list_events(session: Session, project: Project, job_id: str, after: str | None,
                 limit: int) -> tuple[list[JobEvent], bool]:
     get_job(session, project, job_id)
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
-    return paginate_desc(session, stmt, JobEvent, after, limit, JobEvent.seq, max_limit=1000)
+    return paginate(session, stmt, JobEvent, after, limit, JobEvent.seq, max_limit=1000)
 
 
 def events_since(session: Session, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:
@@ -341,8 +371,8 @@ def events_since(session: Session, job_id: str, seq: int, limit: int = 500) -> l
 def list_checkpoints(session: Session, project: Project, job_id: str, after: str | None,
                      limit: int) -> tuple[list[Checkpoint], bool]:
     get_job(session, project, job_id)
-    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.project_id == project.id)
-    return paginate_desc(session, stmt, Checkpoint, after, limit, Checkpoint.step)
+    stmt = repository.checkpoints_query(project.id, job_id)
+    return paginate(session, stmt, Checkpoint, after, limit, Checkpoint.step)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -380,4 +410,4 @@ def checkpoint_out(c: Checkpoint) -> CheckpointOut:
 
 
 def fine_tuned_model_name(job: Job, project: Project) -> str:
-    return _ft_name(job.config.get("base_model", job.model), project, job.suffix, job.id)
+    return repository.ft_name(job.config.get("base_model", job.model), project.name, job.suffix, job.id)

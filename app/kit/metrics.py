@@ -1,28 +1,26 @@
-"""Prometheus `/metrics`: request latency by route template and status (middleware), plus values
-read at scrape time: jobs by status, broker queue depth, training tokens/s of running jobs, and
-the process's CPU and memory. Enable with `install_metrics(app)`."""
+"""Prometheus `/metrics`: request latency by route template and status (middleware), the process's
+CPU and memory, plus values that domains read at scrape time through collectors they register
+(`register_collector`, `register_db_collector`). Enable with `install_metrics(app)`."""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.kit.db import get_sessionmaker
-from app.orm import Job, JobEvent
-from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
-JOB_STATUSES = ("validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled")
-QUEUES = ("training", "default")
+Collector = Callable[[], None]
+DbCollector = Callable[[Session], None]
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
@@ -32,11 +30,6 @@ REQUEST_SECONDS = Histogram(
     ["method", "route", "status"], registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
-JOBS = Gauge("tunehouse_jobs", "Fine-tuning jobs by status", ["status"], registry=REGISTRY)
-QUEUE_DEPTH = Gauge("tunehouse_queue_depth", "Messages waiting in a broker queue (Redis only)", ["queue"],
-                    registry=REGISTRY)
-TOKENS_PER_SECOND = Gauge("tunehouse_training_tokens_per_second", "Training throughput of a running job",
-                          ["job_id", "model"], registry=REGISTRY)
 SCRAPE_ERRORS = Gauge("tunehouse_metrics_scrape_errors", "Collectors that failed on the last scrape",
                       registry=REGISTRY)
 
@@ -80,64 +73,38 @@ class MetricsMiddleware:
 
 # --- scrape-time collectors -------------------------------------------------------------------
 
-def collect_jobs(session: Session) -> None:
-    counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
-    for status in {*JOB_STATUSES, *counts}:
-        JOBS.labels(status).set(counts.get(status, 0))
+# Keyed by name: registering again (one app per test) replaces instead of running twice.
+_COLLECTORS: dict[str, Collector] = {}
+_DB_COLLECTORS: dict[str, DbCollector] = {}
 
 
-def collect_queue_depth() -> None:
-    """LLEN of each queue's Redis list; nothing in embedded mode (filesystem broker)."""
-    settings = get_settings()
-    if settings.embedded or not settings.broker_url.startswith(("redis://", "rediss://")):
-        return
-    import redis
-
-    client = redis.Redis.from_url(settings.broker_url, socket_connect_timeout=1, socket_timeout=1)
-    try:
-        for queue in QUEUES:
-            QUEUE_DEPTH.labels(queue).set(int(client.llen(queue)))
-    finally:
-        client.close()
+def register_collector(fn: Collector) -> None:
+    _COLLECTORS[f"{fn.__module__}.{fn.__qualname__}"] = fn
 
 
-def _latest_tokens_per_second(session: Session, job: Job) -> float | None:
-    if isinstance((job.progress or {}).get("tokens_per_second"), int | float):
-        return float(job.progress["tokens_per_second"])
-    stmt = (select(JobEvent.data).where(JobEvent.job_id == job.id, JobEvent.type == "metrics")
-            .order_by(JobEvent.seq.desc()).limit(20))
-    for data in session.scalars(stmt):
-        value = (data or {}).get("tokens_per_second")
-        if isinstance(value, int | float):
-            return float(value)
-    return None
-
-
-def collect_tokens_per_second(session: Session) -> None:
-    TOKENS_PER_SECOND.clear()  # finished jobs drop out
-    for job in session.scalars(select(Job).where(Job.status == "running")):
-        value = _latest_tokens_per_second(session, job)
-        if value is not None:
-            TOKENS_PER_SECOND.labels(job.id, job.model).set(value)
+def register_db_collector(fn: DbCollector) -> None:
+    """`fn(session)` runs in its own session at each scrape."""
+    _DB_COLLECTORS[f"{fn.__module__}.{fn.__qualname__}"] = fn
 
 
 def collect(factory: sessionmaker[Session]) -> None:
-    errors = sum(_safely(fn, factory) for fn in (collect_jobs, collect_tokens_per_second))
-    errors += _safely(collect_queue_depth)
+    errors = sum(_safely(partial(_in_session, fn, factory), fn.__qualname__) for fn in _DB_COLLECTORS.values())
+    errors += sum(_safely(fn, fn.__qualname__) for fn in _COLLECTORS.values())
     SCRAPE_ERRORS.set(errors)
 
 
-def _safely(fn: Any, factory: sessionmaker[Session] | None = None) -> int:
-    """Run one collector (in its own session if it reads the DB); a failure costs only its values."""
+def _in_session(fn: DbCollector, factory: sessionmaker[Session]) -> None:
+    with factory() as session:
+        fn(session)
+
+
+def _safely(fn: Collector, name: str) -> int:
+    """Run one collector; a failure costs only its values."""
     try:
-        if factory is None:
-            fn()
-        else:
-            with factory() as session:
-                fn(session)
+        fn()
         return 0
     except Exception:
-        log.warning("metrics collector %s failed", fn.__name__, exc_info=True)
+        log.warning("metrics collector %s failed", name, exc_info=True)
         return 1
 
 

@@ -27,18 +27,23 @@ def check_limit(limit: int, maximum: int = 100) -> int:
     return limit
 
 
-def paginate_desc(
+def paginate(
     session: Session, stmt: Select[Any], model: Any, after: str | None, limit: int, order_col: Any,
-    max_limit: int = 100,
+    max_limit: int = 100, descending: bool = True,
 ) -> tuple[list[Any], bool]:
-    """Newest first; `after` is the id of the last item of the previous page."""
+    """Keyset pagination on (order_col, id); `after` is the id of the last item of the previous page
+    and must be one `stmt` can see (so another project's id is "no such object")."""
     check_limit(limit, max_limit)
     if after:
         anchor = session.execute(stmt.with_only_columns(order_col, model.id).where(model.id == after)).first()
         if anchor is None:
             raise InvalidRequest(f"No such object for 'after': {after}", param="after")
-        stmt = stmt.where((order_col < anchor[0]) | ((order_col == anchor[0]) & (model.id < anchor[1])))
-    rows = list(session.scalars(stmt.order_by(order_col.desc(), model.id.desc()).limit(limit + 1)))
+        if descending:
+            stmt = stmt.where((order_col < anchor[0]) | ((order_col == anchor[0]) & (model.id < anchor[1])))
+        else:
+            stmt = stmt.where((order_col > anchor[0]) | ((order_col == anchor[0]) & (model.id > anchor[1])))
+    keys = (order_col.desc(), model.id.desc()) if descending else (order_col, model.id)
+    rows = list(session.scalars(stmt.order_by(*keys).limit(limit + 1)))
     return rows[:limit], len(rows) > limit
 
 

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
+from app.auth.deps import CurrentProject
 from app.inference.runtime import evict_model
-from app.kit.deps import DB, CurrentProject
+from app.kit.deps import DB
 from app.models_registry import service
 from app.models_registry.schemas import ModelDeleted, ModelList, ModelOut
 

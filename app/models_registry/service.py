@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.kit.db import utcnow
 from app.kit.errors import NotFound
+from app.models_registry import repository
 from app.models_registry.catalog import load_catalog
 from app.models_registry.schemas import ModelOut
 from app.orm import FineTunedModel, Project
@@ -20,24 +20,16 @@ def _fine_tuned_out(m: FineTunedModel) -> ModelOut:
                     training_type=m.training_type, info=m.info or {})
 
 
-def _live(session: Session, project: Project) -> list[FineTunedModel]:
-    stmt = select(FineTunedModel).where(FineTunedModel.project_id == project.id,
-                                        FineTunedModel.deleted_at.is_(None))
-    return list(session.scalars(stmt.order_by(FineTunedModel.created_at.desc())))
-
-
 def list_models(session: Session, project: Project) -> list[ModelOut]:
     base = [ModelOut(id=s.id, created=_BOOT, owned_by="tunehouse", kind="base", tasks=s.tasks,
                      training_types=s.training_types, info={"description": s.description,
                                                             "max_seq_length": s.max_seq_length})
             for s in load_catalog().values()]
-    return base + [_fine_tuned_out(m) for m in _live(session, project)]
+    return base + [_fine_tuned_out(m) for m in repository.live_models(session, project.id)]
 
 
 def get_fine_tuned(session: Session, project: Project, model_id: str) -> FineTunedModel:
-    row = session.scalar(select(FineTunedModel).where(
-        FineTunedModel.id == model_id, FineTunedModel.project_id == project.id,
-        FineTunedModel.deleted_at.is_(None)))
+    row = repository.live_model(session, project.id, model_id)
     if row is None:
         raise NotFound(f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
     return row

@@ -5,7 +5,7 @@ commits, sends the `tunehouse.deliver_webhook` task. Every attempt POSTs the sam
 same `webhook-id` (receivers dedupe on it), is recorded as a job event, and failures are retried
 with exponential backoff up to `settings.webhook_max_attempts`.
 
-Signature: `webhook-signature: v1,<base64(HMAC-SHA256(secret, "<webhook-timestamp>.<body>"))>`.
+Signature: `webhook-signature: v1,<base64(HMAC-SHA256(secret, "<webhook-id>.<webhook-timestamp>.<body>"))>`.
 A secret written `whsec_<base64>` is base64-decoded first, as Standard Webhooks libraries do."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.jobs.events import add_event
+from app.jobs.state import TERMINAL
 from app.kit import ids
 from app.kit.broker import DEFAULT_QUEUE, get_celery
 from app.kit.db import after_commit, session_scope
@@ -35,7 +36,6 @@ from app.settings import get_settings
 log = logging.getLogger(__name__)
 
 TASK_NAME = "tunehouse.deliver_webhook"
-TERMINAL = ("succeeded", "failed", "cancelled")
 TIMEOUT_SECONDS = 10.0
 BACKOFF_BASE_SECONDS = 10.0
 BACKOFF_MAX_SECONDS = 3600.0

@@ -24,8 +24,10 @@ from ml.inference import generation, loading, predict
 from ml.inference.batcher import GenerateItem, Item, Lane, PredictItem
 from ml.inference.cache import AdapterEntry, FullEntry, ModelCache
 from ml.inference.loading import BaseResolver, ModelMeta
+from ml.inference.predict import PredRow
 from ml.inference.sampling import GenEvent, RowDecoder, RowParams
 from ml.inference.types import ModelRef
+from ml.modeling import pick_device
 
 EventQueue = asyncio.Queue[tuple[int, GenEvent | BaseException]]
 
@@ -59,7 +61,7 @@ class BatchRecord:
 class Engine:
     def __init__(self, config: EngineConfig, *, base_dir: BaseResolver, storage: DirStore) -> None:
         self.config = config
-        self.device = loading.resolve_device(self.config.device)
+        self.device = pick_device(self.config.device)
         self.cache = ModelCache(self.config.max_bases, self.config.max_adapters, self.config.max_full_models,
                                 self.device, self._base_path)
         self.batches: deque[BatchRecord] = deque(maxlen=1000)
@@ -184,6 +186,11 @@ class Engine:
                 self._loop = loop
             return self._loop
 
+    async def logits(self, meta: ModelMeta, ids: list[int]) -> torch.Tensor:
+        """Raw logits of one row as a prediction batch computes them ([C], or [T, V] for language models; the
+        first generation step runs the same forward): checks a checkpoint against the model that trained it."""
+        return await asyncio.wrap_future(self._model_thread.submit(self._row_logits, meta, ids))
+
     # --- cache control ---
 
     async def evict(self, storage_key: str) -> bool:
@@ -257,12 +264,24 @@ class Engine:
 
     def _predict(self, group: Group, model: Any, extra: dict[str, Any], embed: Any) -> None:
         items: list[PredictItem] = group.items  # type: ignore[assignment]
-        rows = [predict.PredRow(i.ids, i.meta, name, prefix, i.top_k)
+        rows, logits = self._forward(group, model, extra, embed)
+        for i, (item, row) in enumerate(zip(items, rows, strict=True)):
+            item.deliver(predict.postprocess(item.meta.info.task, row, logits[i]))
+
+    def _forward(self, group: Group, model: Any, extra: dict[str, Any],
+                 embed: Any) -> tuple[list[PredRow], torch.Tensor]:
+        items: list[PredictItem] = group.items  # type: ignore[assignment]
+        rows = [PredRow(i.ids, i.meta, name, prefix, i.top_k)
                 for i, (name, prefix) in zip(items, group.row_adapters, strict=True)]
         logits = predict.forward(model, rows, decoder=items[0].meta.is_decoder, device=self.device,
                                  extra=extra, embed_model=embed)
-        for i, (item, row) in enumerate(zip(items, rows, strict=True)):
-            item.deliver(predict.postprocess(item.meta.info.task, row, logits[i]))
+        return rows, logits
+
+    def _row_logits(self, meta: ModelMeta, ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            entry = self._load(meta, {meta.info.storage_key})
+            group = Group(entry).add(PredictItem(meta, ids, 0, lambda _: None), entry)
+            return self._forward(group, *group.target())[1][0]
 
     def _generate(self, group: Group, model: Any, extra: dict[str, Any], embed: Any) -> None:
         items: list[GenerateItem] = group.items  # type: ignore[assignment]

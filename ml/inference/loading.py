@@ -1,4 +1,4 @@
-"""Reading checkpoint dirs (the layout in worker/training/interface.py) and building models.
+"""Reading checkpoint dirs (the format of `ml.checkpoint`) and building models.
 
 Safetensors only, local files only, never remote code. Everything here is synchronous; the
 engine calls it from its worker thread (models) or a helper thread (tokenizers, metadata)."""
@@ -6,7 +6,6 @@ engine calls it from its worker thread (models) or a helper thread (tokenizers, 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -17,29 +16,20 @@ from typing import Any
 import torch
 import transformers
 from safetensors import safe_open
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
+from ml import checkpoint
+from ml.checkpoint import ADAPTER_WEIGHTS, PROMPT_PEFT_TYPES
+from ml.config import Task
 from ml.errors import ModelLoadError
 from ml.inference.types import ModelRef
+from ml.modeling import AUTO_CLASSES, SEQUENCE_TASKS, pooling_mode, use_pooling
 
 log = logging.getLogger(__name__)
 transformers.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
-INFO_FILE = "tunehouse.json"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model")
 DEFAULT_CHAT_TEMPLATE = (
     "{%- for message in messages -%}{{ message['role'] }}: {{ message['content'] }}\n{%- endfor -%}"
     "{%- if add_generation_prompt -%}assistant:{%- endif -%}"
@@ -78,7 +68,7 @@ class ModelInfo:
 
     @property
     def is_prompt(self) -> bool:
-        return self.peft_type in PROMPT_TYPES
+        return self.peft_type in PROMPT_PEFT_TYPES
 
     @property
     def base_key(self) -> BaseKey:
@@ -87,12 +77,13 @@ class ModelInfo:
 
 
 def read_info(path: Path, ref: ModelRef) -> ModelInfo:
-    meta = _read_json(path / INFO_FILE) or {}
-    adapter = _read_json(path / ADAPTER_CONFIG)
-    task = str(meta.get("task") or ref.task)
-    labels = meta.get("label_names") or ref.label_names
-    problem = meta.get("problem_type") or ref.problem_type
-    base = meta.get("base_model") or ref.base_model
+    """The dir's `CheckpointInfo`; a dir without one falls back to what the registry row says."""
+    meta = checkpoint.read_info(path) if checkpoint.has_info(path) else None
+    adapter = checkpoint.adapter_config(path) if checkpoint.is_adapter_dir(path) else None
+    task = str(meta.task if meta else ref.task)
+    labels = (meta.label_names if meta else None) or ref.label_names
+    problem = (meta.problem_type if meta else None) or ref.problem_type
+    base = (meta.base_model if meta else None) or ref.base_model
     if adapter is not None and not base:
         raise ModelLoadError(f"Checkpoint '{ref.name}' does not name its base model.")
     if adapter is not None and not (path / ADAPTER_WEIGHTS).exists():  # never fall back to pickles
@@ -104,15 +95,8 @@ def read_info(path: Path, ref: ModelRef) -> ModelInfo:
         peft_type=str(adapter.get("peft_type")) if adapter is not None else None,
         mixable=adapter is not None and adapter.get("peft_type") == "LORA" and not adapter.get("use_dora"),
         virtual_tokens=int((adapter or {}).get("num_virtual_tokens") or 0),
-        base_checkpoint_key=meta.get("base_checkpoint_key") if adapter is not None else None,
+        base_checkpoint_key=meta.base_checkpoint_key if meta is not None and adapter is not None else None,
     )
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    return data if isinstance(data, dict) else None
 
 
 def _num_labels(task: str, labels: list[str] | None, path: Path, is_adapter: bool) -> int:
@@ -187,7 +171,7 @@ class ModelMeta:
 
 def load_meta(info: ModelInfo, base_dir: Path | None) -> ModelMeta:
     config_dir = base_dir if info.is_adapter and base_dir is not None else info.path
-    tok_dir = info.path if _has_tokenizer(info.path) else config_dir
+    tok_dir = info.path if checkpoint.has_tokenizer(info.path) else config_dir
     tokenizer = AutoTokenizer.from_pretrained(tok_dir, **_LOAD_KW)
     config = AutoConfig.from_pretrained(config_dir, **_LOAD_KW)
     eos = _eos_ids(config_dir, config, tokenizer)
@@ -201,10 +185,6 @@ def load_meta(info: ModelInfo, base_dir: Path | None) -> ModelMeta:
     )
 
 
-def _has_tokenizer(path: Path) -> bool:
-    return any((path / name).exists() for name in TOKENIZER_FILES)
-
-
 def _eos_ids(config_dir: Path, config: Any, tokenizer: Any) -> set[int]:
     ids: set[int] = set()
     sources: list[Any] = [getattr(config, "eos_token_id", None), tokenizer.eos_token_id]
@@ -216,15 +196,6 @@ def _eos_ids(config_dir: Path, config: Any, tokenizer: Any) -> set[int]:
         elif isinstance(src, list):
             ids.update(int(x) for x in src)
     return ids
-
-
-def model_class(task: str) -> Any:
-    return {
-        "causal_lm": AutoModelForCausalLM,
-        "classification": AutoModelForSequenceClassification,
-        "regression": AutoModelForSequenceClassification,
-        "masked_lm": AutoModelForMaskedLM,
-    }[task]
 
 
 def _task_kwargs(task: str, num_labels: int, problem_type: str | None, pad_id: int | None) -> dict[str, Any]:
@@ -250,19 +221,21 @@ def load_base(base_dir: Path, info: ModelInfo, device: torch.device,
     """The shared base with a freshly initialised head: every adapter brings its own head."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = model_class(info.task).from_pretrained(
+        model = AUTO_CLASSES[Task(info.task)].from_pretrained(
             base_dir, dtype=dtype_for(device), use_safetensors=True,
             **_task_kwargs(info.task, info.num_labels, info.problem_type, pad_id), **_LOAD_KW)
-    return _ready(model, device)
+    return _ready(model, device, base_dir, info.task)
 
 
 def load_full(info: ModelInfo, device: torch.device) -> PreTrainedModel:
-    model = model_class(info.task).from_pretrained(
+    model = AUTO_CLASSES[Task(info.task)].from_pretrained(
         info.path, dtype=dtype_for(device), use_safetensors=True, **_LOAD_KW)
-    return _ready(model, device)
+    return _ready(model, device, info.path, info.task)
 
 
-def _ready(model: PreTrainedModel, device: torch.device) -> PreTrainedModel:
+def _ready(model: PreTrainedModel, device: torch.device, path: Path, task: str) -> PreTrainedModel:
+    if Task(task) in SEQUENCE_TASKS:
+        use_pooling(model, pooling_mode(model, path))  # as training pooled (`ml.modeling`)
     torch.nn.Module.to(model, device)
     model.eval()
     model.requires_grad_(False)
@@ -274,9 +247,3 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
     the pristine base, and nothing is duplicated in memory."""
     memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
     return copy.deepcopy(model, memo)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name in ("", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

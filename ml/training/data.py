@@ -1,4 +1,5 @@
-"""Datasets for the recipes: read normalized records, tokenize per task, plan batches, collate.
+"""Datasets for the recipes: read normalized records, tokenize per task (`ml.data.tokens`, re-exported
+here), plan batches, collate.
 
 Batches are length-grouped (seeded shuffle, then sorted within large chunks) and padded only to the
 longest sequence in the batch. Everything random here is a pure function of (seed, epoch, batch
@@ -8,7 +9,6 @@ index), so a resumed run sees exactly the batches (and MLM masks) of an uninterr
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,16 @@ from transformers import PreTrainedTokenizerBase
 from ml.config import Hooks, Task
 from ml.data.cleaning import CleaningOptions, clean_records
 from ml.data.formats import iter_records
+from ml.data.tokens import IGNORE, Encoded, Example, encode, token_lengths
+from ml.errors import InputError, TrainingDataError
 
-IGNORE = -100
+__all__ = [  # the tokenization names are re-exported: the recipe reads everything as `D.`
+    "IGNORE", "Collator", "Encoded", "Example", "check_labels", "encode", "epoch_batches", "eval_batches",
+    "hash_seed", "label_names_from", "read_records", "token_lengths",
+]
+
 GROUP_CHUNK = 50  # batches per length-sorted chunk
 MLM_PROB = 0.15
-
-
-@dataclass
-class Example:
-    input_ids: list[int]
-    labels: list[int] | None = None  # causal LM: per-token targets (IGNORE = no loss)
-    target: float | None = None  # classification index / regression value
-
-
-@dataclass
-class Encoded:
-    examples: list[Example]
-    skipped: int = 0  # nothing left to learn from after truncation
 
 
 def read_records(path: Path, kind: str, cleaning: dict[str, Any] | None = None, hooks: Hooks | None = None,
@@ -59,7 +52,7 @@ def read_records(path: Path, kind: str, cleaning: dict[str, Any] | None = None, 
 def label_names_from(records: list[dict[str, Any]]) -> list[str]:
     names = sorted({str(r["label"]) for r in records if "label" in r})
     if len(names) < 2:
-        raise ValueError(
+        raise TrainingDataError(
             f"classification needs at least 2 distinct labels in the training data, found {names}"
         )
     return names
@@ -68,108 +61,10 @@ def label_names_from(records: list[dict[str, Any]]) -> list[str]:
 def check_labels(records: list[dict[str, Any]], label_names: list[str], where: str) -> None:
     unknown = sorted({str(r["label"]) for r in records} - set(label_names))
     if unknown:
-        raise ValueError(
+        raise TrainingDataError(
             f"the {where} data has labels that are not in the training data: {unknown[:10]}; "
             f"known labels: {label_names[:20]}"
         )
-
-
-# --- tokenization -----------------------------------------------------------------------------
-
-
-def encode(
-    records: list[dict[str, Any]],
-    task: Task,
-    tok: PreTrainedTokenizerBase,
-    max_len: int,
-    label_names: list[str] | None,
-    decoder: bool,
-) -> Encoded:
-    if task is Task.causal_lm:
-        return _encode_causal(records, tok, max_len)
-    if task is Task.masked_lm:
-        ids = _encode_texts([r["text"] for r in records], tok, max_len, append_eos=False)
-        return Encoded([Example(i) for i in ids if len(i) > 2])
-    texts = [r["text"] for r in records]
-    ids = _encode_texts(texts, tok, max_len, append_eos=decoder)
-    if task is Task.classification:
-        index = {name: i for i, name in enumerate(label_names or [])}
-        targets = [float(index[str(r["label"])]) for r in records]
-    else:
-        targets = [float(r["value"]) for r in records]
-    return Encoded([Example(i, target=t) for i, t in zip(ids, targets, strict=True)])
-
-
-def token_lengths(
-    records: list[dict[str, Any]], task: Task, tok: PreTrainedTokenizerBase, max_len: int, decoder: bool
-) -> list[int]:
-    """Lengths of the training examples `encode` makes of these records (no labels needed): what a
-    job trains on, for estimates."""
-    if task is Task.causal_lm:
-        return [len(e.input_ids) for e in _encode_causal(records, tok, max_len).examples]
-    mlm = task is Task.masked_lm
-    ids = _encode_texts([r["text"] for r in records], tok, max_len, append_eos=decoder and not mlm)
-    return [len(i) for i in ids if not mlm or len(i) > 2]
-
-
-def _encode_texts(
-    texts: list[str], tok: PreTrainedTokenizerBase, max_len: int, append_eos: bool
-) -> list[list[int]]:
-    room = max_len - 1 if append_eos else max_len
-    out = tok(texts, truncation=True, max_length=room)["input_ids"]
-    if append_eos and tok.eos_token_id is not None:  # decoders classify from the last token
-        out = [[*ids, tok.eos_token_id] for ids in out]
-    return out
-
-
-def _encode_causal(records: list[dict[str, Any]], tok: PreTrainedTokenizerBase, max_len: int) -> Encoded:
-    if not records:
-        return Encoded([])
-    first = records[0]
-    if "messages" in first:
-        pairs = [_encode_chat(r["messages"], tok) for r in records]
-    elif "completion" in first:
-        pairs = [_encode_prompt_completion(r, tok) for r in records]
-    else:
-        return Encoded(_encode_plain_text([r["text"] for r in records], tok, max_len))
-    examples = [Example(ids[:max_len], labels[:max_len]) for ids, labels in pairs]
-    kept = [e for e in examples if any(label != IGNORE for label in (e.labels or [])[1:])]
-    return Encoded(kept, skipped=len(examples) - len(kept))
-
-
-def _encode_chat(messages: list[dict[str, Any]], tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
-    if not tok.chat_template:
-        raise ValueError(
-            "this base model's tokenizer has no chat template; use prompt/completion or text data"
-        )
-    out: Any = tok.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
-    return ids, [i if m else IGNORE for i, m in zip(ids, mask, strict=True)]
-
-
-def _encode_prompt_completion(
-    rec: dict[str, Any], tok: PreTrainedTokenizerBase
-) -> tuple[list[int], list[int]]:
-    prompt = tok(rec["prompt"])["input_ids"]  # with the tokenizer's own special tokens (e.g. bos)
-    completion = tok(rec["completion"], add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        completion = [*completion, tok.eos_token_id]
-    return prompt + completion, [IGNORE] * len(prompt) + completion
-
-
-def _encode_plain_text(texts: list[str], tok: PreTrainedTokenizerBase, max_len: int) -> list[Example]:
-    """Loss on every token; long texts are split into max_len windows instead of being cut."""
-    examples = []
-    for ids in tok(texts)["input_ids"]:
-        if tok.eos_token_id is not None:
-            ids = [*ids, tok.eos_token_id]
-        for start in range(0, len(ids), max_len):
-            chunk = ids[start : start + max_len]
-            if len(chunk) > 1:
-                examples.append(Example(chunk, list(chunk)))
-    return examples
 
 
 # --- batch planning ---------------------------------------------------------------------------
@@ -207,7 +102,7 @@ class Collator:
         self.vocab_size = len(tok)
         self.special_ids = torch.tensor(sorted(set(tok.all_special_ids)), dtype=torch.long)
         if task is Task.masked_lm and self.mask_id is None:
-            raise ValueError("masked_lm needs a tokenizer with a mask token")
+            raise InputError("masked_lm needs a tokenizer with a mask token")
 
     def __call__(self, examples: list[Example], key: tuple[int, int]) -> dict[str, torch.Tensor]:
         """`key` = (epoch, batch index): seeds the MLM masking of this batch."""

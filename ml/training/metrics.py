@@ -7,10 +7,18 @@ import math
 import numpy as np
 
 HIGHER_IS_BETTER = {"accuracy", "macro_f1", "precision", "recall"}
+RECALL_PREFIX = "recall_"  # per-class recall: `recall_<label name>`
 
 
-def classification_metrics(preds: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy plus macro-averaged F1, precision and recall (classes absent from both count as 0)."""
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER or metric.startswith(RECALL_PREFIX)
+
+
+def classification_metrics(preds: np.ndarray, labels: np.ndarray, n_classes: int,
+                           label_names: list[str] | None = None) -> dict[str, float]:
+    """Accuracy plus macro-averaged F1, precision and recall (over the classes that occur), and the
+    recall of each class that occurs among the labels (`recall_<name>`: an imbalanced set's minority
+    class is what a majority-class model gets wrong)."""
     preds, labels = np.asarray(preds, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     if labels.size == 0:
         return {}
@@ -23,11 +31,14 @@ def classification_metrics(preds: np.ndarray, labels: np.ndarray, n_classes: int
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
     present = (predicted + actual) > 0  # macro average over classes that occur at all
+    names = label_names if label_names is not None and len(label_names) == n_classes else None
+    per_class = {f"{RECALL_PREFIX}{names[c] if names else c}": float(recall[c]) for c in np.flatnonzero(actual)}
     return {
         "accuracy": float(tp.sum() / labels.size),
         "macro_f1": float(f1[present].mean()),
         "precision": float(precision[present].mean()),
         "recall": float(recall[present].mean()),
+        **per_class,
     }
 
 
@@ -46,6 +57,6 @@ def perplexity(mean_loss: float) -> float:
 def improved(metric: str, value: float, best: float | None, min_delta: float) -> bool:
     if best is None:
         return True
-    if metric in HIGHER_IS_BETTER:
+    if higher_is_better(metric):
         return value > best + min_delta
     return value < best - min_delta

@@ -6,32 +6,26 @@ inside the epoch, and optimizer / scheduler / RNG states are restored, so an int
 run ends with the same weights as an uninterrupted one. Interrupts are checked before every
 micro-batch; a pause mid-accumulation drops the partial gradients and saves the state of the last
 completed step (RNG included), which the resumed run redoes.
+
+Budgets: `max_steps` caps the optimizer steps (the LR schedule is laid out over the capped run) and
+`max_train_seconds` the time spent in the loop (kept across resumes); either ends the job like the last
+epoch does: a final evaluation, a checkpoint, success.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import random
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from peft import PeftModel
 
-from ml.checkpoint import (
-    CheckpointInfo,
-    adapter_kind,
-    has_info,
-    is_adapter_dir,
-    read_info,
-    state_dir,
-    write_info,
-)
+from ml import checkpoint
+from ml.checkpoint import CheckpointInfo, adapter_kind, has_info, is_adapter_dir, read_info, state_dir
 from ml.config import (
     Hooks,
     Interrupt,
@@ -40,22 +34,24 @@ from ml.config import (
     TrainingKind,
     TrainOutcome,
 )
+from ml.errors import InputError, TrainingDataError
+from ml.evaluation import Batch, score
 from ml.modeling import (
     ADAPTER_KINDS,
     apply_training_type,
+    autocast,
     forward_logits,
     load_adapter,
     load_task_model,
     load_tokenizer,
     pick_device,
-    save_weights,
     trainable_parameters,
 )
 from ml.models.base import LocalBase
 from ml.training import data as D
-from ml.training.losses import loss_sum, predictions
-from ml.training.metrics import classification_metrics, improved, perplexity, regression_metrics
-from ml.training.state import RngState, capture_rng, load_state, restore_rng, save_state
+from ml.training.losses import loss_sum
+from ml.training.metrics import improved
+from ml.training.state import RngState, capture_rng, load_state, restore_rng, save_state, seed_everything
 
 PROBLEM_TYPES = {Task.classification: "single_label_classification", Task.regression: "regression"}
 
@@ -78,6 +74,7 @@ class Progress:
     last_loss: float | None = None
     last_lr: float = 0.0
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    loop_seconds: float = 0.0  # wall time spent in `train()`, for `max_train_seconds`
 
 
 @dataclass
@@ -105,12 +102,6 @@ def plan_sources(base_dir: Path, init_dir: Path | None, resume_dir: Path | None)
         return Sources(resume_dir, None, tokenizer, False)
     adapter = init_dir if init_dir is not None and init_full is None else None
     return Sources(weights, adapter, tokenizer, init_full is not None)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Any:
@@ -151,8 +142,9 @@ class TrainingRecipe:
         self.label_names: list[str] | None = None
         self._step_rng: RngState | None = None
         self._resume_rng: RngState | None = None
-        self._eval_cache: list[dict[str, torch.Tensor]] | None = None
+        self._eval_cache: list[Batch] | None = None
         self._train_seconds = 0.0  # time spent in training steps since the last log (not eval/saving)
+        self._mark = 0.0  # perf_counter at the last `_tick`
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -173,7 +165,7 @@ class TrainingRecipe:
     def _read_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         train = D.read_records(self.train_path, self.cfg.training_file_kind, self.cfg.cleaning, self.hooks)
         if not train:
-            raise ValueError("the training file has no records")
+            raise TrainingDataError("the training file has no records")
         valid = D.read_records(self.valid_path, self.cfg.validation_file_kind, self.cfg.cleaning, self.hooks,
                                where="validation") if self.valid_path else []
         return train, valid
@@ -203,7 +195,7 @@ class TrainingRecipe:
     def _attach_adapter(self, model: Any, adapter_dir: Path) -> torch.nn.Module:
         info = read_info(adapter_dir)
         if info.task is not self.task:
-            raise ValueError(f"the checkpoint was trained for task '{info.task}', this job is '{self.task}'")
+            raise InputError(f"the checkpoint was trained for task '{info.task}', this job is '{self.task}'")
         found = adapter_kind(adapter_dir)
         if found == ADAPTER_KINDS.get(self.kind):
             if self.resume_dir is None:
@@ -214,7 +206,7 @@ class TrainingRecipe:
             return apply_training_type(
                 merged, self.task, self.cfg.training_type, self.spec.lora_target_modules
             )
-        raise ValueError(
+        raise InputError(
             f"a {info.training_type} checkpoint cannot be continued with training type '{self.kind}'"
         )
 
@@ -230,7 +222,7 @@ class TrainingRecipe:
         args = (self.task, self.tokenizer, self._max_len(), self.label_names, decoder)
         encoded = D.encode(train, *args)
         if not encoded.examples:
-            raise ValueError("no usable training examples after tokenization (check max_seq_length)")
+            raise TrainingDataError("no usable training examples after tokenization (check max_seq_length)")
         self.skipped = encoded.skipped
         self.train_set = encoded.examples
         self.valid_set = D.encode(valid, *args).examples if valid else []
@@ -240,6 +232,8 @@ class TrainingRecipe:
         n_micro = len(D.epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, 0))
         self.steps_per_epoch = math.ceil(n_micro / max(1, self.cfg.gradient_accumulation_steps))
         self.total_steps = self.steps_per_epoch * self.cfg.n_epochs
+        if self.cfg.max_steps is not None:
+            self.total_steps = max(1, min(self.total_steps, self.cfg.max_steps))
 
     def _build_optimizer(self) -> None:
         named = trainable_parameters(self.model)
@@ -290,6 +284,12 @@ class TrainingRecipe:
             )
         if self.cfg.early_stopping and not self.valid_set:
             self.hooks.message("early stopping needs a validation file; it is off", level="warn")
+        if self.spec.new_head(self.task.value) and self.resume_dir is None and self.init_dir is None:
+            self.hooks.message(
+                f"{self.spec.id} ships no pretrained {self.task} head: training starts from a new, randomly "
+                "initialised head, so early predictions are meaningless and the base model gets no score",
+                level="warn", data={"new_head": self.task.value},
+            )
 
     # --- loop ---------------------------------------------------------------------------------
 
@@ -298,7 +298,8 @@ class TrainingRecipe:
             restore_rng(self._resume_rng)
         self.model.train()
         p = self.progress
-        while p.epoch < self.cfg.n_epochs:
+        self._mark = time.perf_counter()
+        while p.epoch < self.cfg.n_epochs and not self._budget_spent():
             epoch = p.epoch
             windows = self._windows(epoch)
             for index in range(p.step_in_epoch, len(windows)):
@@ -309,9 +310,22 @@ class TrainingRecipe:
                 if isinstance(result, Interrupt):
                     return self._stop(result)
                 self._advance(len(windows))
+                self._tick()
                 if self._after_step(result, epoch_end=p.epoch > epoch):
                     return self._finish(stopped_early=True)
+                if self._budget_spent():
+                    return self._finish(stopped_early=False, budget=True)
         return self._finish(stopped_early=False)
+
+    def _tick(self) -> None:
+        now = time.perf_counter()
+        self.progress.loop_seconds += now - self._mark
+        self._mark = now
+
+    def _budget_spent(self) -> bool:
+        """`max_steps` (as `total_steps`) or `max_train_seconds` reached before the last epoch ends."""
+        p, limit = self.progress, self.cfg.max_train_seconds
+        return p.step >= self.total_steps or (limit is not None and p.loop_seconds >= limit)
 
     def _windows(self, epoch: int) -> list[tuple[int, list[list[int]]]]:
         """Micro-batches of this epoch grouped per optimizer step, with the index of the first one."""
@@ -342,14 +356,9 @@ class TrainingRecipe:
     ) -> dict[str, torch.Tensor]:
         return self.collator([examples[i] for i in idx], key)
 
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with self._autocast():
+        with autocast(self.device):
             logits = forward_logits(self.model, batch, self.task)
         return loss_sum(self.task, logits, batch)
 
@@ -418,47 +427,26 @@ class TrainingRecipe:
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss + task metrics, reported through hooks. None if interrupted midway."""
-        self.model.eval()
-        loss, count, preds, targets = 0.0, 0, [], []
-        with torch.no_grad():
-            for batch in self._eval_batches():
-                if self.hooks.interrupted() is not None:
-                    self.model.train()
-                    return None
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                with self._autocast():
-                    logits = forward_logits(self.model, batch, self.task)
-                loss += float(loss_sum(self.task, logits, batch))
-                count += int(batch["n_targets"])
-                if "targets" in batch:
-                    preds.append(predictions(self.task, logits).cpu())
-                    targets.append(batch["targets"].cpu())
-        self.model.train()
-        metrics = self._task_metrics(loss / max(count, 1), preds, targets)
-        self.progress.last_eval_step, self.progress.eval_metrics = self.progress.step, metrics
-        self.hooks.metrics(self.progress.step, metrics)
+        names = self.label_names
+        metrics = score(self.model, self.eval_batches(), self.task, self.device, len(names or []),
+                        self.hooks.interrupted, names)
+        if metrics is not None:
+            self.progress.last_eval_step, self.progress.eval_metrics = self.progress.step, metrics
+            self.hooks.metrics(self.progress.step, metrics)
         return metrics
 
-    def _eval_batches(self) -> list[dict[str, torch.Tensor]]:
-        if self._eval_cache is None:  # fixed batches and MLM masks: evaluations are comparable
+    def eval_batches(self) -> list[Batch]:
+        """The validation set as fixed batches (and MLM masks), so evaluations are comparable."""
+        if self._eval_cache is None:
             lengths = [len(e.input_ids) for e in self.valid_set]
             plan = D.eval_batches(lengths, self.cfg.batch_size)
             self._eval_cache = [self._collate(self.valid_set, idx, (-1, i)) for i, idx in enumerate(plan)]
         return self._eval_cache
 
-    def _task_metrics(
-        self, valid_loss: float, preds: list[torch.Tensor], targets: list[torch.Tensor]
-    ) -> dict[str, float]:
-        out = {"valid_loss": valid_loss}
-        if self.task in (Task.causal_lm, Task.masked_lm):
-            out["perplexity"] = perplexity(valid_loss)
-        elif self.task is Task.classification:
-            out |= classification_metrics(
-                torch.cat(preds).numpy(), torch.cat(targets).numpy(), len(self.label_names or [])
-            )
-        else:
-            out |= regression_metrics(torch.cat(preds).numpy(), torch.cat(targets).numpy())
-        return out
+    def current_metrics(self) -> dict[str, float] | None:
+        """The last evaluation's metrics when it scored the current weights."""
+        p = self.progress
+        return dict(p.eval_metrics) if p.last_eval_step == p.step and p.eval_metrics else None
 
     def _early_stop(self, metrics: dict[str, float]) -> bool:
         es, p = self.cfg.early_stopping, self.progress
@@ -473,9 +461,15 @@ class TrainingRecipe:
 
     # --- outcomes and checkpoints -------------------------------------------------------------
 
-    def _finish(self, stopped_early: bool) -> TrainOutcome:
+    def _finish(self, stopped_early: bool, budget: bool = False) -> TrainOutcome:
         p = self.progress
         self._log()
+        if budget and p.epoch < self.cfg.n_epochs:
+            self.hooks.message(
+                f"Training budget reached at step {p.step} ({self._epoch_float():.2f} epochs, "
+                f"{p.loop_seconds:.0f} s): max_steps={self.cfg.max_steps}, max_train_seconds="
+                f"{self.cfg.max_train_seconds}", data={"step": p.step, "loop_seconds": p.loop_seconds},
+            )
         if not stopped_early and self.valid_set and p.last_eval_step != p.step:
             self.evaluate()
         if p.last_ckpt_step != p.step:
@@ -517,8 +511,7 @@ class TrainingRecipe:
         return self._save(Path(local_dir), with_state, capture_rng())
 
     def _save(self, local_dir: Path, with_state: bool, rng: RngState) -> CheckpointInfo:
-        save_weights(self.model, local_dir, self.cfg.base_model)
-        self.tokenizer.save_pretrained(str(local_dir))
+        adapter_on_checkpoint = isinstance(self.model, PeftModel) and self.sources.base_checkpoint
         info = CheckpointInfo(
             task=self.task,
             training_type=self.kind,
@@ -528,14 +521,11 @@ class TrainingRecipe:
             metrics=self._metrics(),
             label_names=self.label_names,
             problem_type=PROBLEM_TYPES.get(self.task),
+            base_checkpoint_key=self.cfg.init_checkpoint_key if adapter_on_checkpoint else None,
         )
-        if isinstance(self.model, PeftModel) and self.sources.base_checkpoint:
-            info.base_checkpoint_key = self.cfg.init_checkpoint_key  # the adapter's base weights
-        write_info(local_dir, info)
+        checkpoint.save(local_dir, self.model, self.tokenizer, info)
         if with_state:
-            save_state(
-                state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress)
-            )
+            save_state(state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress))
         return info
 
     def cleanup(self) -> None:

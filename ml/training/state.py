@@ -28,6 +28,12 @@ class RngState:
     torch_cuda: list[torch.Tensor] = field(default_factory=list)
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture_rng() -> RngState:
     cuda = [t.clone() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
     np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import create_api_key, get_or_create_project
-from app.server import worker_command
+from app.server import inference_command, worker_command
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_LEASES = {"TUNEHOUSE_LEASE_SECONDS": "6", "TUNEHOUSE_HEARTBEAT_SECONDS": "1",
@@ -86,15 +86,20 @@ def api_key(committed_db: sessionmaker[Session]) -> str:
 
 @pytest.fixture
 def live_server(api_key: str, tmp_path: Path) -> Iterator[str]:
-    port = free_port()
+    """The API under uvicorn plus the inference worker it forwards to (as in production)."""
+    port, infer_port = free_port(), free_port()
+    infer_url = f"http://127.0.0.1:{infer_port}"
+    inference = Proc(inference_command("127.0.0.1", infer_port), service_env(), tmp_path / "inference.log")
     cmd = [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory", "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning"]
-    proc = Proc(cmd, service_env(), tmp_path / "api.log")
+    proc = Proc(cmd, service_env(TUNEHOUSE_INFERENCE_URL=infer_url), tmp_path / "api.log")
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz")
+        wait_http(f"{infer_url}/healthz", timeout=120)
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.stop()
+        inference.stop()
 
 
 @pytest.fixture

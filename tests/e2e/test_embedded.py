@@ -1,10 +1,12 @@
-"""Embedded mode: `tunehouse serve` with no services (SQLite, local artifacts, filesystem broker,
-a worker it supervises) runs a real job end to end."""
+"""Embedded mode: `tunehouse serve` with no services (SQLite, local artifacts, filesystem broker, and
+the training, default-queue and inference workers it supervises) runs a real job end to end and
+serves the model, while the API process itself never loads torch."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -35,5 +37,24 @@ def test_embedded_serve_runs_a_job(tmp_path: Path) -> None:
         assert done.status == "succeeded", (done.error, server.tail())
         assert (tmp_path / "data" / "tunehouse.db").exists()
         assert any((tmp_path / "data" / "artifacts" / "jobs" / job.id).iterdir())
+        reply = wait_for(lambda: _chat(client, done.fine_tuned_model), 120, "the supervised inference worker")
+        assert reply.choices[0].message.content is not None
+        assert "libtorch" not in _modules_of(server.p.pid), "the API process imported torch"
     finally:
         server.stop()
+
+
+def _chat(client: openai.OpenAI, model: str) -> Any:
+    try:
+        return client.chat.completions.create(model=model, max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": "hi"}])
+    except openai.APIStatusError as exc:  # 503 until the inference worker has started
+        if exc.status_code != 503:
+            raise
+        return None
+
+
+def _modules_of(pid: int) -> str:
+    """Shared objects the process has mapped: torch's libraries show up once it is imported."""
+    maps = Path(f"/proc/{pid}/maps")
+    return maps.read_text() if maps.exists() else ""

@@ -1,9 +1,8 @@
-"""Real checkpoint dirs for the inference tests (the layout of worker/training/interface.py),
-built with peft / transformers `save_pretrained`, plus the registry rows that point at them."""
+"""Real checkpoint dirs for the inference tests: peft / transformers models with random trained weights,
+written by the checkpoint writer training uses (`ml.checkpoint.save`), plus the registry rows that point at them."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,15 +14,16 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
 )
 
 from app.kit import ids
 from app.kit.storage import get_storage
 from app.models_registry.catalog import local_base
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
+from ml import checkpoint
 from ml.checkpoint import CheckpointInfo
 from ml.config import Task, TrainingKind
+from ml.modeling import load_tokenizer
 
 ENCODER = "minilm-l6"
 DECODER = "tiny-lm"
@@ -38,19 +38,13 @@ def new_key(kind: str) -> str:
     return f"tests/inference/{kind}-{uuid.uuid4().hex[:10]}"
 
 
-def _write_info(path: Path, task: str, training_type: str, base: str, labels: list[str] | None = None,
-                problem_type: str | None = None) -> None:
-    info = CheckpointInfo(task=Task(task), training_type=TrainingKind(training_type), base_model=base,
-                          step=10, epoch=1.0, label_names=labels, problem_type=problem_type)
-    (path / "tunehouse.json").write_text(info.model_dump_json())
-
-
-def _save(model: Any, base: str, key: str) -> Path:
-    path = get_storage().local_dir(key)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(base_dir(base)).save_pretrained(path)
-    return path
+def _save(model: Any, key: str, task: str, training_type: str, base: str, labels: list[str] | None = None,
+          problem_type: str | None = None, base_checkpoint_key: str | None = None) -> str:
+    info = CheckpointInfo(task=Task(task), training_type=TrainingKind(training_type), base_model=base, step=10,
+                          epoch=1.0, label_names=labels, problem_type=problem_type,
+                          base_checkpoint_key=base_checkpoint_key)
+    checkpoint.save(get_storage().local_dir(key), model, load_tokenizer(base_dir(base)), info)
+    return key
 
 
 def _randomize(model: torch.nn.Module, seed: int, scale: float = 0.5) -> None:
@@ -70,20 +64,15 @@ def lora_classifier(seed: int, labels: list[str] | None = None, task: str = "cla
     peft = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8,
                                             target_modules=["query", "value"]))
     _randomize(peft, seed)
-    key = new_key(task)
-    path = _save(peft, ENCODER, key)
-    _write_info(path, task, "lora", ENCODER, labels if task == "classification" else None,
-                "regression" if task == "regression" else "single_label_classification")
-    return key
+    return _save(peft, new_key(task), task, "lora", ENCODER, labels if task == "classification" else None,
+                 "regression" if task == "regression" else "single_label_classification")
 
 
 def prompt_classifier(seed: int) -> str:
     model = AutoModelForSequenceClassification.from_pretrained(base_dir(ENCODER), num_labels=len(LABELS))
     peft = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4))
     _randomize(peft, seed, scale=0.1)
-    key = new_key("prompt-cls")
-    _write_info(_save(peft, ENCODER, key), "classification", "prompt_tuning", ENCODER, LABELS)
-    return key
+    return _save(peft, new_key("prompt-cls"), "classification", "prompt_tuning", ENCODER, LABELS)
 
 
 def lora_masked_lm(seed: int) -> str:
@@ -92,9 +81,7 @@ def lora_masked_lm(seed: int) -> str:
     peft = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"],
                                             modules_to_save=["cls.predictions.transform"]))
     _randomize(peft, seed, scale=0.05)
-    key = new_key("mlm")
-    _write_info(_save(peft, ENCODER, key), "masked_lm", "lora", ENCODER)
-    return key
+    return _save(peft, new_key("mlm"), "masked_lm", "lora", ENCODER)
 
 
 def lora_causal(seed: int) -> str:
@@ -102,9 +89,7 @@ def lora_causal(seed: int) -> str:
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"])
     peft = get_peft_model(model, config)
     _randomize(peft, seed)
-    key = new_key("lora-lm")
-    _write_info(_save(peft, DECODER, key), "causal_lm", "lora", DECODER)
-    return key
+    return _save(peft, new_key("lora-lm"), "causal_lm", "lora", DECODER)
 
 
 def lora_on_checkpoint(seed: int, full_key: str) -> str:
@@ -113,21 +98,14 @@ def lora_on_checkpoint(seed: int, full_key: str) -> str:
     config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"])
     peft = get_peft_model(model, config)
     _randomize(peft, seed)
-    key = new_key("lora-on-full")
-    path = _save(peft, DECODER, key)
-    _write_info(path, "causal_lm", "lora", DECODER)
-    info = json.loads((path / "tunehouse.json").read_text())
-    (path / "tunehouse.json").write_text(json.dumps({**info, "base_checkpoint_key": full_key}))
-    return key
+    return _save(peft, new_key("lora-on-full"), "causal_lm", "lora", DECODER, base_checkpoint_key=full_key)
 
 
 def prompt_causal(seed: int) -> str:
     model = AutoModelForCausalLM.from_pretrained(base_dir(DECODER))
     peft = get_peft_model(model, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
     _randomize(peft, seed)
-    key = new_key("prompt-lm")
-    _write_info(_save(peft, DECODER, key), "causal_lm", "prompt_tuning", DECODER)
-    return key
+    return _save(peft, new_key("prompt-lm"), "causal_lm", "prompt_tuning", DECODER)
 
 
 def full_causal(seed: int) -> str:
@@ -136,9 +114,7 @@ def full_causal(seed: int) -> str:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.02)
-    key = new_key("full-lm")
-    _write_info(_save(model, DECODER, key), "causal_lm", "full", DECODER)
-    return key
+    return _save(model, new_key("full-lm"), "causal_lm", "full", DECODER)
 
 
 def register(db: Session, project: Project, key: str, *, task: str, base: str, training_type: str = "lora",

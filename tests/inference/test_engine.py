@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+import torch
 
 from app.inference.local import make_engine
 from app.settings import get_settings
@@ -177,3 +178,11 @@ def test_adapter_on_a_full_checkpoint_uses_it_as_base(engine: Engine, arts: Arti
     assert meta.info.base_key.base_model == f"checkpoint:{arts.lm_full}"
     assert run(_greedy(engine, meta, "hello", 4)) == run(_greedy(engine, meta, "hello", 4))
     assert engine.cache.adapters.items[key].base.key == meta.info.base_key
+
+
+def test_row_logits_are_what_a_prediction_scores(engine: Engine, arts: Artifacts) -> None:
+    meta = run(engine.meta(ref(arts.cls_a)))
+    ids = meta.tok.encode("I loved this film")
+    probs = torch.softmax(run(engine.logits(meta, ids)), dim=-1).tolist()
+    (pred,) = run(engine.predict(meta, [ids]))
+    assert [pred["scores"][name] for name in artifacts.LABELS] == pytest.approx(probs, abs=1e-6)

@@ -12,11 +12,12 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
-from app.inference import runtime
 from app.orm import Project
+from app.settings import get_settings
 from ml.inference.engine import Engine
 from tests.inference.artifacts import DECODER, ENCODER, LABELS, register
 from tests.inference.conftest import Artifacts
@@ -50,8 +51,10 @@ def worker_url(engine: Engine) -> Iterator[str]:
 
 
 @pytest.fixture
-def remote(monkeypatch: pytest.MonkeyPatch, worker_url: str) -> str:
-    monkeypatch.setattr(runtime, "inference_url", lambda: worker_url)
+def remote(monkeypatch: pytest.MonkeyPatch, worker_url: str, app: FastAPI) -> str:
+    """The API as it runs in production: no engine of its own, requests forwarded to the worker."""
+    monkeypatch.setattr(get_settings(), "inference_url", worker_url)
+    app.state.inference = None
     return worker_url
 
 

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import filecmp
 import json
 import math
+import threading
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs import estimate as E
 from app.kit import ids
-from app.kit.db import utcnow
+from app.kit.db import get_engine, utcnow
+from app.models_registry.catalog import get_spec, load_catalog, local_base
 from app.orm import File, Job, JobEvent, Project
 from ml.config import Task
 from ml.data.formats import normalize
+from ml.modeling import load_tokenizer
+from ml.models.builtin import build
+from ml.models.tokenizer_dir import tokenizer_dir
 from ml.training.data import token_lengths
+from tests.conftest import USING_PG
 from tests.e2e.data import chat_rows
+from tests.jobs.realdb import committed_clients
 from tests.ml.training import datasets as ds
 
 
@@ -30,8 +40,10 @@ def _upload(client: TestClient, rows: list[dict[str, Any]], name: str = "t.jsonl
 
 
 def _exact_tokens(rows: list[dict[str, Any]], task: Task, max_len: int, model: str = "tiny-lm") -> list[int]:
+    """As the trainer counts: its own tokenizer loader (AutoTokenizer, torch is fine here)."""
     decoder = model == "tiny-lm"
-    return token_lengths([normalize(r)[1] for r in rows], task, E.base_tokenizer(model), max_len, decoder)
+    tok = load_tokenizer(local_base(model).path)
+    return token_lengths([normalize(r)[1] for r in rows], task, tok, max_len, decoder)
 
 
 def test_estimate_counts_tokens_like_the_trainer(client: TestClient, db: Session) -> None:
@@ -152,3 +164,74 @@ def test_create_job_without_stored_bytes_still_works(client: TestClient, db: Ses
     assert r.status_code == 200 and r.json()["estimated_finish"] is None
     assert client.post("/v1/fine_tuning/estimate", json={"model": "tiny-lm", "training_file": f.id}
                        ).status_code == 404
+
+
+# --- the tokenizer: the trainer's, without torch, one per thread -----------------------------------
+
+@pytest.mark.parametrize("model", sorted(load_catalog()))
+def test_estimate_tokenizer_is_the_trainers(model: str) -> None:
+    ours, trainers = E.base_tokenizer(model), load_tokenizer(local_base(model).path)
+    assert type(ours) is type(trainers)
+    assert (ours.eos_token_id, ours.pad_token_id, ours.chat_template) == \
+        (trainers.eos_token_id, trainers.pad_token_id, trainers.chat_template)
+    decoder = get_spec(model).is_decoder
+    for rows, task in [(ds.sentiment_rows(30), Task.classification), (ds.sentiment_rows(30), Task.masked_lm),
+                       (chat_rows(20), Task.causal_lm), (ds.prompt_completion_rows(10), Task.causal_lm)]:
+        if task.value not in get_spec(model).tasks:
+            continue
+        records = [normalize(r)[1] for r in rows]
+        for max_len in (16, 64):
+            assert token_lengths(records, task, ours, max_len, decoder) == \
+                token_lengths(records, task, trainers, max_len, decoder)
+
+
+def test_builtin_tokenizer_alone_matches_the_full_build(tmp_path: Path) -> None:
+    alone = tokenizer_dir(get_spec("tiny-lm"), tmp_path)  # nothing built yet: the tokenizer only
+    assert alone.name == "tiny-lm.tokenizer" and not (alone / "config.json").exists()
+    build("tiny-causal-lm", tmp_path / "full")
+    names = sorted(p.name for p in alone.iterdir())
+    assert names and all(filecmp.cmp(alone / n, tmp_path / "full" / n, shallow=False) for n in names)
+
+
+def test_each_thread_has_its_own_tokenizer() -> None:
+    mine = E.base_tokenizer("tiny-lm")
+    assert E.base_tokenizer("tiny-lm") is mine
+    theirs: list[Any] = []
+    worker = threading.Thread(target=lambda: theirs.append(E.base_tokenizer("tiny-lm")))
+    worker.start()
+    worker.join()
+    assert theirs[0] is not mine
+
+
+def test_create_job_rejects_nothing_to_learn(client: TestClient) -> None:
+    body = {"model": "tiny-lm", "training_file": _upload(client, chat_rows(10)), "max_seq_length": 16}
+    r = client.post("/v1/fine_tuning/jobs", json=body)  # the answers start after 16 tokens
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_seq_length", r.text
+    assert client.get("/v1/fine_tuning/jobs").json()["data"] == []
+
+
+@pytest.mark.skipif(not USING_PG, reason="inspects Postgres sessions and row locks")
+@pytest.mark.parametrize("path", ["/v1/fine_tuning/jobs", "/v1/fine_tuning/estimate"])
+def test_tokenizing_holds_no_transaction(committed_db: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch,
+                                         path: str) -> None:
+    """While the files are tokenized, no session of the app is idle in a transaction and the training
+    file's row can be locked by anyone (job creation used to hold FOR SHARE while tokenizing)."""
+    (client,) = committed_clients(committed_db, "estimate-tx")
+    file_id = _upload(client, chat_rows(12))
+    seen: list[tuple[int, bool]] = []
+    real = E.count_file_tokens
+
+    def observed(*args: Any, **kwargs: Any) -> E.TokenCount:
+        with get_engine().connect() as conn:
+            idle = conn.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                    "AND state LIKE 'idle in transaction%' AND pid <> pg_backend_pid()"))
+            locked = conn.execute(text("SELECT id FROM files WHERE id = :id FOR UPDATE NOWAIT"),
+                                  {"id": file_id}).first() is not None
+            conn.rollback()
+        seen.append((int(idle or 0), locked))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "count_file_tokens", observed)
+    r = client.post(path, json={"model": "tiny-lm", "training_file": file_id, "max_seq_length": 64})
+    assert r.status_code == 200, r.text
+    assert seen == [(0, True)]

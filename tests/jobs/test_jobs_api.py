@@ -45,10 +45,11 @@ def test_method_hyperparameters_and_extensions(client: TestClient, cls_file: str
                 method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2,
                                                                                    "batch_size": 8}}},
                 learning_rate=1e-3, max_seq_length=64, warmup_ratio=0.1, weight_decay=0.01,
-                gradient_accumulation_steps=2, metadata={"team": "search"})
+                gradient_accumulation_steps=2, metadata={"team": "search"}, max_steps=40, max_train_seconds=600)
     assert r.status_code == 200, r.text
     cfg = r.json()["config"]
     assert (cfg["n_epochs"], cfg["batch_size"], cfg["learning_rate"]) == (2, 8, 1e-3)
+    assert (cfg["max_steps"], cfg["max_train_seconds"]) == (40, 600)
     assert cfg["training_type"]["lora_r"] == 4 and cfg["gradient_accumulation_steps"] == 2
     assert r.json()["metadata"] == {"team": "search"}
 
@@ -68,6 +69,8 @@ def test_method_hyperparameters_and_extensions(client: TestClient, cls_file: str
     ({"warmup_ratio": 0.9}, "warmup_ratio"),
     ({"weight_decay": -0.1}, "weight_decay"),
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
+    ({"max_steps": 0}, "max_steps"),
+    ({"max_train_seconds": 0}, "max_train_seconds"),
     ({"max_seq_length": 4096}, "max_seq_length"),
     ({"suffix": "has spaces!"}, "suffix"),
     ({"seed": -3}, "seed"),

@@ -1,5 +1,5 @@
-"""The end-of-job evaluation report (worker/evaluation.py) and the job's `cleaning` option applied in
-the worker's data loading (worker/training/data.py)."""
+"""The end-of-job evaluation report (ml/evaluation.py) and the job's `cleaning` option applied in
+the recipe's data loading (ml/training/data.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def _fresh_model_metrics(cfg: Any, train: Path, valid: Path, tmp_path: Path) -> 
     recipe = build_recipe(cfg, FakeHooks(tmp_path), workdir=tmp_path, train_path=train, valid_path=valid,
                           resume_dir=None, init_dir=None, base=local_base(cfg.base_model))
     recipe.setup()
-    out = ev.score(recipe.model, ev.eval_batches(recipe), recipe.task, recipe.device, 2)
+    out = ev.score(recipe.model, recipe.eval_batches(), recipe.task, recipe.device, 2)
     assert out is not None
     return out
 
@@ -43,12 +43,13 @@ def test_classification_report_side_by_side(run_recipe: RunRecipe, tmp_path: Pat
     assert report is not None
     base, tuned = report["metrics"]["base"], report["metrics"]["fine_tuned"]
     assert tuned == run.hooks.eval_metrics[-1][1]  # the job's own last validation metrics
-    assert set(base) == set(tuned) == {"valid_loss", "accuracy", "macro_f1", "precision", "recall"}
+    assert set(base) == set(tuned) == {"valid_loss", "accuracy", "macro_f1", "precision", "recall",
+                                       "recall_negative", "recall_positive"}
     assert tuned["accuracy"] >= 0.9 and tuned["accuracy"] > base["accuracy"]
     assert report["delta"]["accuracy"] == pytest.approx(tuned["accuracy"] - base["accuracy"])
     assert report["validation_file"] == "file-valid" and report["validation_examples"] == 24
     # same batches, same numbers: scoring the trained model again reproduces the recipe's evaluation
-    again = ev.score(run.recipe.model, ev.eval_batches(run.recipe), Task.classification, run.recipe.device, 2)
+    again = ev.score(run.recipe.model, run.recipe.eval_batches(), Task.classification, run.recipe.device, 2)
     assert again == pytest.approx(tuned)
     # "base" is exactly the fresh head the job started from (LoRA starts as the identity)
     assert _fresh_model_metrics(cfg, train, valid, tmp_path / "fresh") == pytest.approx(base)

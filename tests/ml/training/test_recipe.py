@@ -1,5 +1,5 @@
 """Every task x training type trains (loss goes down), writes the documented checkpoint layout and
-loads back for inference with identical outputs."""
+serves (loaded by the inference engine) with the trained model's outputs."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from app.models_registry.catalog import base_model_path, get_spec
+from ml.checkpoint import CheckpointInfo, read_info
 from ml.modeling import forward_logits
-from ml.training.loading import load_for_inference
+from tests.ml.served import Served, rows
 from tests.ml.training import datasets as ds
 from tests.ml.training.conftest import Run, loss_drop, make_cfg
 
@@ -107,15 +107,13 @@ def check_layout(ckpt: Path, kind: str, task: str) -> None:
     assert info["task"] == task and info["training_type"] == kind
 
 
-def check_inference(run: Run, ckpt: Path, model_id: str) -> None:
-    model, _tok, info = load_for_inference(ckpt, base_model_path(get_spec(model_id)), "cpu")
-    assert not model.training and info.step == run.outcome.step
-    batch = run.recipe._eval_batches()[0]
-    trained = run.recipe.model.eval()
-    with torch.no_grad():
-        want = forward_logits(trained, batch, run.recipe.task)
-        got = forward_logits(model, batch, run.recipe.task)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+def check_inference(run: Run, ckpt: Path, info: CheckpointInfo) -> None:
+    assert read_info(ckpt) == info  # every field round-trips through tunehouse.json
+    trained, task = run.recipe.model.eval(), run.recipe.task
+    with Served(ckpt, task.value) as served, torch.no_grad():
+        for ids in rows(run.recipe.eval_batches()[0]):
+            want = forward_logits(trained, {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}, task)
+            torch.testing.assert_close(served.logits(ids.tolist()), want[0].float(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(("model_id", "task", "kind", "data"), CASES)
@@ -148,4 +146,4 @@ def test_trains_and_checkpoints(
     if task == "classification":
         assert info.label_names == ["negative", "positive"]
         assert {"accuracy", "macro_f1", "precision", "recall"} <= set(out.final_metrics)
-    check_inference(run, ckpt, model_id)
+    check_inference(run, ckpt, info)

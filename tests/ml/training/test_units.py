@@ -28,7 +28,12 @@ def test_classification_metrics() -> None:
     assert m["recall"] == pytest.approx((0.5 + 1 + 0.5) / 3)
     f1 = [0.5, 0.8, 2 / 3]
     assert m["macro_f1"] == pytest.approx(sum(f1) / 3)
+    per_class = {k: v for k, v in m.items() if k.startswith("recall_")}
+    assert per_class == {"recall_0": 0.5, "recall_1": 1.0, "recall_2": 0.5}
+    named = classification_metrics(np.array([1, 1, 0]), np.array([1, 1, 1]), 3, ["ham", "spam", "other"])
+    assert named["recall_spam"] == pytest.approx(2 / 3) and "recall_ham" not in named  # absent from the labels
     assert classification_metrics(np.array([1, 1]), np.array([1, 1]), 4)["macro_f1"] == 1.0
+    assert improved("recall_spam", 0.9, 0.8, 0.0) and not improved("recall_spam", 0.7, 0.8, 0.0)
 
 
 def test_regression_metrics_and_perplexity() -> None:
