@@ -41,6 +41,8 @@ class Settings(BaseSettings):
 
     # Training
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # torch intra-op threads in training, export and inference workers; 0 -> half the cores (at least 1)
+    torch_threads: int = Field(default=0, ge=0)
     catalog_path: Path | None = None  # JSON base-model catalog; None -> the bundled one
     checkpoint_every_steps: int = 0  # 0 -> once per epoch
     keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all

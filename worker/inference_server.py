@@ -31,6 +31,7 @@ from app.kit.errors import InvalidRequest, install_error_handlers
 from app.kit.logging import configure_logging
 from app.settings import get_settings
 from ml.inference.engine import Engine
+from ml.runtime import configure_threads
 
 M = TypeVar("M", bound=BaseModel)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -39,6 +40,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def create_app(engine: Engine | None = None) -> FastAPI:
     settings = get_settings()
     configure_logging(settings)
+    configure_threads(settings.torch_threads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

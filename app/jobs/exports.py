@@ -37,6 +37,7 @@ from app.kit.errors import TunehouseError, as_tunehouse_error
 from app.kit.storage import Storage, get_storage
 from app.models_registry.catalog import local_base
 from app.orm import Export
+from app.settings import get_settings
 from ml.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, INFO_FILE, read_info
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,9 @@ def _base_dir(storage: Storage, ckpt: Path) -> Path:
 def _build(storage: Storage, claim: Claim) -> tuple[str, str]:
     """(storage key, source sha256) of the merged model, put into storage atomically."""
     from ml.export import merge_lora  # torch: the worker only
+    from ml.runtime import configure_threads
+
+    configure_threads(get_settings().torch_threads)
 
     ckpt = storage.local_dir(claim.source_key)
     source_sha256 = fingerprint(ckpt)

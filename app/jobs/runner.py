@@ -151,7 +151,10 @@ def _load(job_id: str) -> tuple[Job, RecipeConfig, str, Checkpoint | None]:
 
 
 def _execute(got: Claim, hb: Heartbeat) -> str:
+    from ml.runtime import configure_threads
     from ml.training import build_recipe
+
+    threads = configure_threads(get_settings().torch_threads)
 
     job, cfg, ft_name, latest = _load(got.job_id)
     storage = get_storage()
@@ -161,7 +164,8 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
         resume = None
     hooks.message(f"Fine-tuning job started (attempt {got.attempt} of {job.max_attempts})"
                   + (f"; resuming from checkpoint at step {latest.step}" if resume and latest else ""),
-                  data={"attempt": got.attempt, "resumed_from_step": latest.step if resume and latest else None})
+                  data={"attempt": got.attempt, "resumed_from_step": latest.step if resume and latest else None,
+                        "torch_threads": threads})
     workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=storage.staging_dir()))
     recipe = build_recipe(
         cfg, hooks, workdir=workdir, train_path=storage.local_file(cfg.training_file_key),
