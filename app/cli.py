@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
@@ -90,10 +91,59 @@ def keys_revoke(key_id: str) -> None:
         typer.echo(f"revoked {revoke_key(s, key_id)} key(s)")
 
 
+def add_model(
+    path: Path = typer.Option(..., "--path", help="a local transformers model directory (safetensors)"),
+    model_id: str = typer.Option(..., "--id", help="the id users pass as `model`"),
+    description: str = typer.Option("", help="shown in /v1/models"),
+    max_seq_length: int = typer.Option(0, help="training/inference length cap (0: the model's, at most 2048)"),
+) -> None:
+    """Operator: register a local model directory as a base model (validated: safetensors only, a known
+    architecture, no remote code). Written to the models file on this machine; no server restart."""
+    from app.kit.errors import TunehouseError
+    from app.models_registry.catalog import register_model
+    from ml.errors import InputError
+    from ml.models.base import BaseModelSpec
+    from ml.models.local import inspect_model_dir
+
+    try:
+        found = inspect_model_dir(path)
+    except InputError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    limit = min(found.max_positions, max_seq_length or 2048)
+    spec = BaseModelSpec(
+        id=model_id, description=description or f"{found.model_type} model from {path.resolve()}",
+        source=f"path:{path.resolve()}", architecture=found.architecture, tasks=found.tasks,
+        training_types=["lora", "full", "freeze", "prompt_tuning"], max_seq_length=limit,
+        lora_target_modules=found.lora_target_modules, pretrained_heads=found.pretrained_heads)
+    try:
+        register_model(spec)
+    except TunehouseError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"registered {model_id}: {found.architecture} ({found.model_type}), tasks {', '.join(found.tasks)}, "
+               f"max_seq_length {limit}" + ("" if found.has_chat_template else "; no chat template"))
+
+
+def remove_model(model_id: str = typer.Argument(..., help="a registered model id")) -> None:
+    """Operator: unregister a model added with `models add` (its directory is left alone)."""
+    from app.kit.errors import TunehouseError
+    from app.models_registry.catalog import unregister_model
+
+    try:
+        unregister_model(model_id)
+    except TunehouseError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"removed {model_id}")
+
+
 def main() -> None:
-    from app.cli_user import register
+    from app.cli_user import models_app, register
 
     register(app)
+    models_app.command("add")(add_model)
+    models_app.command("remove")(remove_model)
     app()
 
 

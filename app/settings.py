@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # torch intra-op threads in training, export and inference workers; 0 -> half the cores (at least 1)
     torch_threads: int = Field(default=0, ge=0)
     catalog_path: Path | None = None  # JSON base-model catalog; None -> the bundled one
+    # Base models an operator registered from local directories (`tunehouse models add`); None ->
+    # <data_dir>/models.json. Workers on other machines need the same file and the model dirs.
+    models_file: Path | None = None
     checkpoint_every_steps: int = 0  # 0 -> once per epoch
     keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all
 
@@ -79,6 +82,10 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_models_file(self) -> Path:
+        return (self.models_file or self.data_dir / "models.json").resolve()
 
     @property
     def resolved_artifact_url(self) -> str:
