@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -64,8 +64,17 @@ class Settings(BaseSettings):
     # Webhooks
     webhook_secret: str = Field(default="", description="HMAC-SHA256 key for webhook signatures")
     webhook_max_attempts: int = 5
+    # https only unless set: http sends events (and their signatures) in clear text.
+    webhook_allow_http: bool = False
+    # Exempt from the public-address rule (app.webhooks.urls): host names, IPs or CIDRs; env is comma-separated.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = []
 
     log_json: bool = True
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: object) -> object:
+        return [h.strip() for h in v.split(",") if h.strip()] if isinstance(v, str) else v
 
     @property
     def resolved_database_url(self) -> str:

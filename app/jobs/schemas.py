@@ -107,7 +107,8 @@ class JobCreate(BaseModel):
     early_stopping: EarlyStoppingIn | None = None
     from_checkpoint: str | None = None
     cleaning: CleaningIn | None = None
-    webhook_url: str | None = Field(None, max_length=2048, pattern=r"^https?://")
+    # checked (scheme, public address, signing secret) by app.webhooks.service.validate_webhook_url
+    webhook_url: str | None = Field(None, max_length=2048)
 
     @field_validator("metadata")
     @classmethod

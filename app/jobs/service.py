@@ -31,7 +31,7 @@ from app.models_registry import repository
 from app.models_registry.catalog import check_supports, get_spec
 from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
-from app.webhooks.service import notify_terminal
+from app.webhooks.service import notify_terminal, validate_webhook_url
 from ml.config import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
 from ml.data.formats import TASK_FORMATS, Format
 
@@ -250,6 +250,7 @@ def _creation_estimate(session: Session, project: Project, body: JobCreate) -> E
 
 
 def create_job(session: Session, project: Project, body: JobCreate, idempotency_key: str | None) -> Job:
+    validate_webhook_url(body.webhook_url)  # first: a refused URL costs no file reads or estimate
     request_hash = _request_hash(body)
     if idempotency_key and (prior := _existing_for_key(session, project, idempotency_key, request_hash)):
         return prior

@@ -5,12 +5,17 @@ commits, sends the `tunehouse.deliver_webhook` task. Every attempt POSTs the sam
 same `webhook-id` (receivers dedupe on it), is recorded as a job event, and failures are retried
 with exponential backoff up to `settings.webhook_max_attempts`.
 
+Only URLs `app.webhooks.urls` accepts are called (checked at creation and before each attempt),
+webhooks need `settings.webhook_secret`, and the tenant's events say only whether an attempt was
+delivered; the log keeps status codes and errors.
+
 Signature: `webhook-signature: v1,<base64(HMAC-SHA256(secret, "<webhook-id>.<webhook-timestamp>.<body>"))>`.
 A secret written `whsec_<base64>` is base64-decoded first, as Standard Webhooks libraries do."""
 
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import hmac
 import json
@@ -19,7 +24,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import select
@@ -30,8 +34,10 @@ from app.jobs.state import TERMINAL
 from app.kit import ids
 from app.kit.broker import DEFAULT_QUEUE, get_celery
 from app.kit.db import after_commit, session_scope
+from app.kit.errors import InvalidRequest
 from app.orm import Job
 from app.settings import get_settings
+from app.webhooks import urls
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,23 @@ def verify(secret: str, headers: Mapping[str, str], body: str, now: float | None
     return any(hmac.compare_digest(sig, expected) for sig in offered)
 
 
+# --- job creation -------------------------------------------------------------------------------
+
+def validate_webhook_url(url: str | None) -> None:
+    """A job's webhook: 400 unless the operator set a signing secret and `urls.check` accepts the URL.
+    The message never says what the host resolved to."""
+    if url is None:
+        return
+    settings = get_settings()
+    if not settings.webhook_secret:
+        raise InvalidRequest("Webhooks are disabled on this server: the operator must set TUNEHOUSE_WEBHOOK_SECRET "
+                             "so that events are signed.", param="webhook_url", code="webhook_secret_missing")
+    try:
+        urls.check(url, settings)
+    except urls.UnsafeWebhookUrl as exc:
+        raise InvalidRequest(exc.public, param="webhook_url", code="invalid_webhook_url") from None
+
+
 # --- the event ----------------------------------------------------------------------------------
 
 def build_event(job_id: str, status: str, fine_tuned_model: str | None,
@@ -133,44 +156,75 @@ def send_delivery(delivery: Delivery, countdown: float | None = None) -> None:
 
 # --- delivery -----------------------------------------------------------------------------------
 
+class Outcome(enum.Enum):
+    delivered = "delivered"
+    failed = "failed"  # worth retrying
+    refused = "refused"  # by policy or by the receiver (410): never retried
+
+
 def backoff_seconds(attempt: int) -> float:
     """Delay after failed attempt `attempt` (1-based): 10 s, 20 s, 40 s ... capped at an hour."""
     return float(min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * 2 ** (attempt - 1)))
 
 
-def _post(delivery: Delivery, secret: str) -> tuple[int | None, str | None]:
-    """(status code, transport error)."""
+def _post(target: urls.Target, delivery: Delivery, secret: str) -> int | None:
+    """The response status, or None when there was none. Sent to the checked address with the
+    name in Host (and SNI); no redirects followed, no proxy from the environment, the body unread."""
+    headers = headers_for(delivery, secret) | {"host": target.host_header}
     try:
-        r = httpx.post(delivery.url, content=delivery.body.encode(), headers=headers_for(delivery, secret),
-                       timeout=TIMEOUT_SECONDS, follow_redirects=False)
-        return r.status_code, None
+        with httpx.Client(timeout=TIMEOUT_SECONDS, follow_redirects=False, trust_env=False) as client:
+            request = client.build_request("POST", target.pinned_url, content=delivery.body.encode(),
+                                           headers=headers, extensions=target.extensions)
+            response = client.send(request, stream=True)
+            response.close()
+            return response.status_code
     except httpx.HTTPError as exc:
-        return None, f"{type(exc).__name__}: {exc}"
+        log.info("webhook attempt %d to %s (%s) failed: %s: %s", delivery.attempt, target.host_header,
+                 target.address, type(exc).__name__, exc, extra={"job_id": delivery.job_id})
+        return None
 
 
-def _record(delivery: Delivery, status: int | None, error: str | None, retry_in: float | None) -> None:
-    host = urlsplit(delivery.url).netloc
-    outcome = f"HTTP {status}" if status is not None else (error or "no response")
-    ok = status is not None and 200 <= status < 300
-    then = f"; retrying in {retry_in:.0f} s" if retry_in is not None else ("" if ok else "; giving up")
-    data = {"webhook": {"event_id": delivery.event_id, "attempt": delivery.attempt, "status_code": status,
-                        "error": error, "retry_in_seconds": retry_in}}
+def _attempt(delivery: Delivery) -> Outcome:
+    """Check the URL again (its name may now resolve inside), then send. Details go to the log only."""
+    settings = get_settings()
+    extra = {"job_id": delivery.job_id}
+    if not settings.webhook_secret:
+        log.error("webhook not sent: TUNEHOUSE_WEBHOOK_SECRET is not set", extra=extra)
+        return Outcome.refused
+    try:
+        target = urls.check(delivery.url, settings)
+    except urls.UnsafeWebhookUrl as exc:
+        log.warning("webhook attempt %d not sent: %s", delivery.attempt, exc, extra=extra)
+        return Outcome.failed if exc.transient else Outcome.refused
+    status = _post(target, delivery, settings.webhook_secret)
+    if status is not None:
+        log.info("webhook attempt %d to %s (%s): HTTP %d", delivery.attempt, target.host_header,
+                 target.address, status, extra=extra)
+    if status is not None and 200 <= status < 300:
+        return Outcome.delivered
+    return Outcome.refused if status == 410 else Outcome.failed
+
+
+def _record(delivery: Delivery, delivered: bool, retry_in: float | None) -> None:
+    """The tenant's event: the outcome only. Status codes, errors and addresses would make the
+    service a scanner of whatever the URL reaches."""
+    then = "" if delivered else (f"; retrying in {retry_in:.0f} s" if retry_in is not None else "; giving up")
+    text = "delivered" if delivered else "not delivered"
+    data = {"webhook": {"event_id": delivery.event_id, "attempt": delivery.attempt, "delivered": delivered,
+                        "retry_in_seconds": retry_in}}
     try:
         with session_scope() as s:
-            add_event(s, delivery.job_id, f"Webhook attempt {delivery.attempt} to {host}: {outcome}{then}",
-                      level="info" if ok else "warn", data=data)
+            add_event(s, delivery.job_id, f"Webhook attempt {delivery.attempt}: {text}{then}",
+                      level="info" if delivered else "warn", data=data)
     except Exception:  # the job may be gone; the delivery outcome stands
         log.warning("could not record webhook attempt", exc_info=True, extra={"job_id": delivery.job_id})
 
 
 def deliver(delivery: Delivery) -> float | None:
-    """One attempt. Returns the delay before the next attempt, or None when done (delivered,
-    refused with 410 Gone, or out of attempts)."""
-    settings = get_settings()
-    status, error = _post(delivery, settings.webhook_secret)
-    done = status is not None and (200 <= status < 300 or status == 410)
-    retry_in = None if done or delivery.attempt >= settings.webhook_max_attempts \
+    """One attempt. Returns the delay before the next attempt, or None when done (delivered, refused
+    by policy or with 410 Gone, or out of attempts)."""
+    outcome = _attempt(delivery)
+    retry_in = None if outcome is not Outcome.failed or delivery.attempt >= get_settings().webhook_max_attempts \
         else backoff_seconds(delivery.attempt)
-    _record(delivery, status, error, retry_in)
-    log.info("webhook attempt %d: %s", delivery.attempt, status or error, extra={"job_id": delivery.job_id})
+    _record(delivery, outcome is Outcome.delivered, retry_in)
     return retry_in

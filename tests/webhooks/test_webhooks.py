@@ -1,5 +1,6 @@
 """Terminal-status webhooks: payload, Standard-Webhooks-style signature, after-commit sending,
-retries with backoff (a real HTTP receiver on 127.0.0.1), and each attempt recorded as an event."""
+retries with backoff (a real HTTP receiver on 127.0.0.1, allowlisted), each attempt recorded as a
+generic event, and the delivery-time guards: re-resolution, pinning, no redirects, no unsigned sends."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.kit import ids
 from app.orm import Job, JobEvent, Project
 from app.settings import get_settings
-from app.webhooks import service
+from app.webhooks import service, urls
 from app.webhooks.service import Delivery, backoff_seconds, build_event, notify_terminal, sign, verify
 from tests.jobs.factories import make_file
 from tests.jobs.worker_factories import committed_job
@@ -31,26 +34,46 @@ class Receiver:
     statuses: list[int]
     requests: list[tuple[dict[str, str], str]] = field(default_factory=list)
     url: str = ""
+    location: str | None = None  # sent with every response (a redirect target)
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.url).port or 0
 
 
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver(statuses=[])
-
+def _serve(rec: Receiver) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["content-length"])).decode()
             rec.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
             self.send_response(rec.statuses.pop(0) if rec.statuses else 200)
+            if rec.location:
+                self.send_header("location", rec.location)
             self.end_headers()
 
         def log_message(self, *args: Any) -> None:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     rec.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/tunehouse"
+    return server
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rec = Receiver(statuses=[])
+    server = _serve(rec)
+    yield rec
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def internal() -> Iterator[Receiver]:
+    """A second local server standing for an internal service nothing may reach."""
+    rec = Receiver(statuses=[])
+    server = _serve(rec)
     yield rec
     server.shutdown()
     server.server_close()
@@ -58,8 +81,11 @@ def receiver() -> Iterator[Receiver]:
 
 @pytest.fixture
 def secret(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Signing on, and the local receiver allowed: http, and 127.0.0.1 on the operator allowlist."""
     monkeypatch.setattr(get_settings(), "webhook_secret", SECRET)
     monkeypatch.setattr(get_settings(), "webhook_max_attempts", 3)
+    monkeypatch.setattr(get_settings(), "webhook_allow_http", True)
+    monkeypatch.setattr(get_settings(), "webhook_allowed_hosts", ["127.0.0.1"])
     return SECRET
 
 
@@ -198,9 +224,10 @@ def test_retry_then_success_signed(committed_db: sessionmaker[Session], receiver
         assert headers["content-type"] == "application/json"
         assert verify(secret, headers, body)
     events = _webhook_events(committed_db, first.job_id)
-    assert [(e.data or {})["webhook"]["status_code"] for e in events] == [500, 200]
+    assert [e.message for e in events] == ["Webhook attempt 1: not delivered; retrying in 10 s",
+                                           "Webhook attempt 2: delivered"]
+    assert [(e.data or {})["webhook"]["delivered"] for e in events] == [False, True]
     assert [e.level for e in events] == ["warn", "info"]
-    assert "retrying in 10 s" in events[0].message
 
 
 def test_gives_up_after_max_attempts(committed_db: sessionmaker[Session], receiver: Receiver, secret: str,
@@ -233,7 +260,135 @@ def test_unreachable_receiver_is_retried(committed_db: sessionmaker[Session], se
     delivery = _delivery(committed_db, f"http://127.0.0.1:{port}/closed")
     assert tasks.deliver_webhook(**asdict(delivery)).startswith("retry")
     event = _webhook_events(committed_db, delivery.job_id)[0]
-    assert event.data is not None and event.data["webhook"]["error"].startswith("ConnectError")
+    assert event.message == "Webhook attempt 1: not delivered; retrying in 10 s"
+    assert event.data is not None and event.data["webhook"] == {
+        "event_id": delivery.event_id, "attempt": 1, "delivered": False, "retry_in_seconds": 10.0}
+
+
+# --- what a tenant learns (nothing about the network) ----------------------------------------------
+
+def _texts(events: list[JobEvent]) -> str:
+    """Messages and data, less the random event id (which may hold any digits)."""
+    data = [{k: v for k, v in (e.data or {})["webhook"].items() if k != "event_id"} for e in events]
+    return " ".join(e.message for e in events) + json.dumps(data)
+
+
+@pytest.mark.parametrize("status", [500, 404, 302])
+def test_event_text_has_no_status_code(committed_db: sessionmaker[Session], receiver: Receiver, secret: str,
+                                       retries: list[tuple[Delivery, float | None]], status: int) -> None:
+    receiver.statuses = [status]
+    delivery = _delivery(committed_db, receiver.url)
+    tasks.deliver_webhook(**asdict(delivery))
+    text = _texts(_webhook_events(committed_db, delivery.job_id))
+    assert str(status) not in text and "HTTP" not in text and "127.0.0.1" not in text
+    assert str(receiver.port) not in text
+
+
+def test_unreachable_event_has_no_error_text(committed_db: sessionmaker[Session], secret: str,
+                                             retries: list[tuple[Delivery, float | None]]) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    delivery = _delivery(committed_db, f"http://127.0.0.1:{port}/closed")
+    tasks.deliver_webhook(**asdict(delivery))
+    text = _texts(_webhook_events(committed_db, delivery.job_id))
+    for leak in ("Connect", "refused", "rror", str(port), "127.0.0.1"):
+        assert leak not in text
+
+
+# --- delivery-time guards -----------------------------------------------------------------------
+
+PUBLIC = "93.184.216.34"
+
+
+@pytest.fixture
+def dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """The resolver's answers by name; edit it to rebind. Calls are counted under "#calls"."""
+    answers: dict[str, list[str]] = {"#calls": []}
+
+    def fake(host: str, port: int) -> list[str]:
+        answers["#calls"].append(host)
+        return answers[host]
+
+    monkeypatch.setattr(urls, "resolve", fake)
+    return answers
+
+
+def test_rebinding_to_loopback_after_creation_is_not_sent(
+        committed_db: sessionmaker[Session], receiver: Receiver, secret: str, dns: dict[str, list[str]],
+        monkeypatch: pytest.MonkeyPatch, retries: list[tuple[Delivery, float | None]]) -> None:
+    monkeypatch.setattr(get_settings(), "webhook_allowed_hosts", [])  # the receiver is internal now
+    url = f"http://hooks.example.com:{receiver.port}/h"
+    dns["hooks.example.com"] = [PUBLIC]
+    service.validate_webhook_url(url)  # what job creation checks: accepted
+    dns["hooks.example.com"] = ["127.0.0.1"]  # the attacker's DNS answers differently later
+    delivery = _delivery(committed_db, url)
+    assert tasks.deliver_webhook(**asdict(delivery)) == "done"
+    assert receiver.requests == [] and retries == []
+    events = _webhook_events(committed_db, delivery.job_id)
+    assert [e.message for e in events] == ["Webhook attempt 1: not delivered; giving up"]
+    assert "127.0.0.1" not in _texts(events)
+
+
+def test_delivery_connects_to_the_checked_address(committed_db: sessionmaker[Session], receiver: Receiver,
+                                                  secret: str, dns: dict[str, list[str]]) -> None:
+    """The name is resolved once, by the check; the request goes to that address (this machine
+    has no DNS for the name) and carries the name in Host."""
+    dns["hooks.example.com"] = ["127.0.0.1"]
+    delivery = _delivery(committed_db, f"http://hooks.example.com:{receiver.port}/h")
+    assert tasks.deliver_webhook(**asdict(delivery)) == "done"
+    assert dns["#calls"] == ["hooks.example.com"]
+    assert receiver.requests[0][0]["host"] == f"hooks.example.com:{receiver.port}"
+
+
+def test_https_is_pinned_with_sni(monkeypatch: pytest.MonkeyPatch, secret: str, dns: dict[str, list[str]]) -> None:
+    dns["hooks.example.com"] = [PUBLIC]
+    seen: list[httpx.Request] = []
+
+    def send(self: httpx.Client, request: httpx.Request, **kw: Any) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(204, request=request)
+
+    monkeypatch.setattr(httpx.Client, "send", send)
+    monkeypatch.setattr(service, "_record", lambda *a: None)
+    assert service.deliver(Delivery("ftjob-1", "https://hooks.example.com/h?x=1", "whevt-1", "{}")) is None
+    (request,) = seen
+    assert str(request.url) == f"https://{PUBLIC}/h?x=1"
+    assert request.headers["host"] == "hooks.example.com"
+    assert request.extensions["sni_hostname"] == "hooks.example.com"
+    assert verify(SECRET, request.headers, "{}")
+
+
+def test_redirect_is_not_followed(committed_db: sessionmaker[Session], receiver: Receiver, internal: Receiver,
+                                  secret: str, retries: list[tuple[Delivery, float | None]]) -> None:
+    receiver.statuses, receiver.location = [302], internal.url
+    delivery = _delivery(committed_db, receiver.url)
+    assert tasks.deliver_webhook(**asdict(delivery)).startswith("retry")
+    assert len(receiver.requests) == 1 and internal.requests == []
+    assert _webhook_events(committed_db, delivery.job_id)[0].data["webhook"]["delivered"] is False  # type: ignore[index]
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:{port}/h\r\nx-injected: 1", "https://127.0.0.1:{port}/h"])
+def test_stored_url_refused_at_delivery(committed_db: sessionmaker[Session], receiver: Receiver, secret: str,
+                                        monkeypatch: pytest.MonkeyPatch, url: str,
+                                        retries: list[tuple[Delivery, float | None]]) -> None:
+    """Rows written before the checks (or an allowlist since narrowed) are re-checked."""
+    monkeypatch.setattr(get_settings(), "webhook_allowed_hosts", [])
+    delivery = _delivery(committed_db, url.format(port=receiver.port))
+    assert tasks.deliver_webhook(**asdict(delivery)) == "done"
+    assert receiver.requests == [] and retries == []
+
+
+def test_no_secret_no_unsigned_send(committed_db: sessionmaker[Session], receiver: Receiver, secret: str,
+                                    monkeypatch: pytest.MonkeyPatch,
+                                    retries: list[tuple[Delivery, float | None]]) -> None:
+    monkeypatch.setattr(get_settings(), "webhook_secret", "")
+    delivery = _delivery(committed_db, receiver.url)
+    assert tasks.deliver_webhook(**asdict(delivery)) == "done"
+    assert receiver.requests == []
+    assert _webhook_events(committed_db, delivery.job_id)[0].message == "Webhook attempt 1: not delivered; giving up"
 
 
 def test_task_is_registered() -> None:
