@@ -24,7 +24,7 @@ def serve(
     a training worker, a default-queue worker and an inference worker."""
     import uvicorn
 
-    from app.server import SupervisedWorker, embedded_children, prepare
+    from app.server import SupervisedWorker, embedded_children, exit_on_sigterm, prepare
     from app.settings import get_settings
 
     settings = get_settings()
@@ -40,6 +40,7 @@ def serve(
         supervisors = [SupervisedWorker(cmd) for cmd in embedded_children(settings)]
         for sup in supervisors:
             sup.start()
+    exit_on_sigterm()
     try:
         uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
     finally:

@@ -5,14 +5,15 @@ torch: every piece of model work runs in one of those."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from app.auth.service import KEY_PREFIX, create_api_key, get_or_create_project
@@ -73,8 +74,19 @@ def embedded_children(settings: Settings) -> list[list[str]]:
     return commands
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: Linux kills it when the server that started it dies, even by
+    kill -9, so no worker outlives its server."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class SupervisedWorker(threading.Thread):
-    """Keeps one worker process alive; a dead worker is restarted (its job resumes via the reaper)."""
+    """Keeps one worker process alive; a dead worker is restarted (its job resumes via the reaper).
+    The child dies with this thread's process (PR_SET_PDEATHSIG on Linux)."""
 
     def __init__(self, cmd: list[str], cwd: Path | None = None) -> None:
         super().__init__(name="worker-supervisor", daemon=True)
@@ -83,13 +95,14 @@ class SupervisedWorker(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
         while not self.stopping.is_set():
-            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=os.environ.copy())
+            self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=os.environ.copy(), preexec_fn=preexec)
             code = self.proc.wait()
             if self.stopping.is_set():
                 return
             log.warning("embedded worker exited with %s; restarting in 2 s", code)
-            time.sleep(2)
+            self.stopping.wait(2)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -99,3 +112,9 @@ class SupervisedWorker(threading.Thread):
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def exit_on_sigterm() -> None:
+    """uvicorn shuts down gracefully on SIGTERM, then re-raises it with the previous handler: make that
+    handler a normal exit so `serve`'s cleanup (stopping the supervised workers) runs, as on Ctrl-C."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
