@@ -8,7 +8,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 
 from app.jobs.state import CLAIMABLE, JobStatus, transition
 from app.kit.db import session_scope, utcnow
@@ -27,8 +27,10 @@ class Claim:
 
 
 def _claimable_now(now: datetime) -> list[ColumnElement[bool]]:
-    """Attempts left, and a running job only once its lease ran out (its worker died)."""
-    return [Job.attempt < Job.max_attempts, or_(Job.status != JobStatus.running, Job.lease_expires_at < now)]
+    """Attempts left, and a running job only once its lease ran out (its worker died) and no pause was
+    asked for (the reaper pauses such a job instead: a requested pause is never lost)."""
+    expired = and_(Job.lease_expires_at < now, Job.pause_requested.is_(False))
+    return [Job.attempt < Job.max_attempts, or_(Job.status != JobStatus.running, expired)]
 
 
 def claim(job_id: str, worker_id: str) -> Claim | None:

@@ -28,6 +28,10 @@ def _expired(s: Session, job: Job) -> None:
     # Still running under the same expired lease: a heartbeat or a settling write may have come since.
     cond = (Job.lease_expires_at < now,)
     running, owner = {JobStatus.running}, job.lease_owner
+    if job.pause_requested:
+        _pause_for_lost_worker(s, job)
+        return
+    cond = (*cond, Job.pause_requested.is_(False))  # a pause asked meanwhile is honoured next pass
     if job.attempt >= job.max_attempts:
         msg = (f"The worker running this job stopped responding on {job.attempt} attempts; giving up "
                f"(max_attempts={job.max_attempts}).")
@@ -40,6 +44,17 @@ def _expired(s: Session, job: Job) -> None:
         add_event(s, job.id, f"Worker lost on attempt {job.attempt} (lease expired); re-queued to resume "
                              "from the last checkpoint", level="warn")
         after_commit(s, partial(send_run_job, job.id))
+
+
+def _pause_for_lost_worker(s: Session, job: Job) -> None:
+    """The user asked for a pause and the worker died before acting on it: honour the pause (the job
+    waits, paused, at its last checkpoint) instead of re-running it. Like any pause, it gives the
+    attempt back, so a paused job can always be resumed."""
+    if transition(s, job.id, to=JobStatus.paused, from_={JobStatus.running}, owner=job.lease_owner,
+                  where=(Job.lease_expires_at < utcnow(), Job.pause_requested.is_(True)),
+                  pause_requested=False, attempt=Job.attempt - 1):
+        add_event(s, job.id, "Job paused as requested: its worker stopped before acting on the pause; "
+                             "resume continues from the last checkpoint", level="warn")
 
 
 def reap_once() -> dict[str, int]:

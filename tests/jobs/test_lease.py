@@ -108,6 +108,23 @@ def test_expired_lease_can_be_claimed_directly(committed_db: sessionmaker[Sessio
     assert again is not None and again.attempt == 2
 
 
+def test_a_pause_is_honoured_when_the_worker_dies_before_acting_on_it(
+        committed_db: sessionmaker[Session]) -> None:
+    """Regression: the API said 200 to the pause, the worker died, and the next attempt ran to success."""
+    job_id = committed_job(committed_db, max_attempts=1)
+    assert claim(job_id, "w1") is not None
+    with committed_db.begin() as s:  # the pause is asked for, then the worker dies: its lease runs out
+        s.execute(update(Job).where(Job.id == job_id).values(
+            pause_requested=True, lease_expires_at=utcnow() - timedelta(seconds=1)))
+    assert claim(job_id, "w2") is None  # a redelivery must not run it past the pause
+    assert reaper.reap_once()["expired"] == 1
+    job = _job(committed_db, job_id)
+    assert (job.status, job.pause_requested, job.lease_owner, job.attempt) == ("paused", False, None, 0)
+    with committed_db() as s:
+        messages = [e.message for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
+    assert any("paused as requested" in m for m in messages)
+
+
 def test_reaper_resends_lost_queued_messages(committed_db: sessionmaker[Session]) -> None:
     job_id = committed_job(committed_db, enqueued_at=utcnow() - timedelta(hours=1))
     assert reaper.reap_once()["resent"] == 1
