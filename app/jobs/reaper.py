@@ -25,13 +25,13 @@ log = logging.getLogger(__name__)
 
 def _expired(s: Session, job: Job) -> None:
     now = utcnow()
-    # Still running under the same expired lease: a heartbeat or a settling write may have come since.
-    cond = (Job.lease_expires_at < now,)
-    running, owner = {JobStatus.running}, job.lease_owner
     if job.pause_requested:
         _pause_for_lost_worker(s, job)
         return
-    cond = (*cond, Job.pause_requested.is_(False))  # a pause asked meanwhile is honoured next pass
+    # Still running under the same expired lease (a heartbeat or a settling write may have come since),
+    # and no pause asked meanwhile (the next pass honours it).
+    cond = (Job.lease_expires_at < now, Job.pause_requested.is_(False))
+    running, owner = {JobStatus.running}, job.lease_owner
     if job.attempt >= job.max_attempts:
         msg = (f"The worker running this job stopped responding on {job.attempt} attempts; giving up "
                f"(max_attempts={job.max_attempts}).")
