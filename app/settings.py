@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # <data_dir>/models.json. Workers on other machines need the same file and the model dirs.
     models_file: Path | None = None
     checkpoint_every_steps: int = 0  # 0 -> once per epoch
+    # Memory of one training worker's device (bytes; the smallest GPU when they differ): estimates say
+    # whether a job fits and job creation refuses one that clearly does not. None -> unknown, not checked.
+    worker_device_memory_bytes: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all
 
     # Inference runs in inference workers behind this URL; embedded `serve` starts one and sets it.

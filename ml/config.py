@@ -30,6 +30,11 @@ class TrainingKind(StrEnum):
     full = "full"
     freeze = "freeze"
     prompt_tuning = "prompt_tuning"
+    qlora = "qlora"  # LoRA on a 4-bit (NF4) base: CUDA workers with bitsandbytes only
+
+
+LORA_KINDS = (TrainingKind.lora, TrainingKind.qlora)
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 class TrainingTypeConfig(BaseModel):
@@ -75,6 +80,10 @@ class RecipeConfig(BaseModel):
     early_stopping: EarlyStopping | None = None
     init_checkpoint_key: str | None = None  # from_checkpoint: start from these weights
     cleaning: dict[str, Any] = Field(default_factory=dict)
+    # Memory and speed. The defaults are the behaviour of rows stored before these fields existed.
+    precision: Precision = "auto"  # auto: bf16 (fp16 + loss scaling without bf16) on CUDA, fp32 elsewhere
+    gradient_checkpointing: bool | Literal["auto"] = False  # auto: on when the activations would not fit
+    packing: bool = False  # causal_lm: several examples per row; `batch_size` then counts rows
 
 
 class Interrupt(StrEnum):

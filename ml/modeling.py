@@ -21,6 +21,7 @@ shipped as sentence-transformers (`1_Pooling/config.json` in mean mode, e.g. all
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import warnings
@@ -51,6 +52,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from ml.config import Task, TrainingKind, TrainingTypeConfig
+from ml.errors import InputError
 
 AUTO_CLASSES: dict[Task, Any] = {
     Task.causal_lm: AutoModelForCausalLM,
@@ -63,7 +65,7 @@ PEFT_TASK: dict[Task, TaskType | None] = {
     Task.classification: TaskType.SEQ_CLS,
     Task.regression: TaskType.SEQ_CLS,
 }
-ADAPTER_KINDS = {TrainingKind.lora: "LORA", TrainingKind.prompt_tuning: "PROMPT_TUNING"}
+ADAPTER_KINDS = {TrainingKind.lora: "LORA", TrainingKind.qlora: "LORA", TrainingKind.prompt_tuning: "PROMPT_TUNING"}
 POOLING_KEY = "tunehouse_pooling"  # model config attribute: "cls" (the architecture's own) or "mean"
 SEQUENCE_TASKS = (Task.classification, Task.regression)
 
@@ -335,3 +337,73 @@ def save_weights(model: torch.nn.Module, out: Path, base_model_id: str) -> None:
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# --- memory and speed: gradient checkpointing, QLoRA, packed forwards ----------------------------
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each layer's activations in backward instead of keeping them. Non-reentrant, so it
+    works when no layer input requires grad (LoRA, prompt tuning); transformers also makes the input
+    embeddings require grad, as peft needs. Numerically the same training (RNG state is replayed)."""
+    base: Any = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise InputError(f"{type(base).__name__} does not support gradient checkpointing",
+                         param="gradient_checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns
+        base.activation_checkpointing_enable(kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def upcast_trainable(model: torch.nn.Module) -> None:
+    """fp32 master copies: trainable parameters (adapters, heads) stay fp32 whatever the compute dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def qlora_unavailable(device: torch.device) -> str | None:
+    """Why this worker cannot train QLoRA (None: it can): 4-bit bitsandbytes kernels run on CUDA only."""
+    missing = []
+    if device.type != "cuda":
+        missing.append(f"it trains on {device.type}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed (pip install 'tunehouse[gpu]')")
+    if not missing:
+        return None
+    return "QLoRA needs a CUDA worker with bitsandbytes; this worker has none: " + "; ".join(missing)
+
+
+def load_quantized_model(path: Path, device: torch.device, compute_dtype: torch.dtype) -> PreTrainedModel:
+    """A causal LM with its linear layers in 4-bit NF4 (double quantization) on `device`, prepared by peft
+    for k-bit training (frozen, norms and head in fp32). Checkpointing is left to
+    `enable_gradient_checkpointing`, as for every other training type."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=compute_dtype)
+    with quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=compute_dtype,
+                                                     device_map={"": _cuda_index(device)})
+    return cast(PreTrainedModel, prepare_model_for_kbit_training(model, use_gradient_checkpointing=False))
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def apply_qlora(model: PreTrainedModel, tt: TrainingTypeConfig, default_targets: list[str]) -> torch.nn.Module:
+    """LoRA adapters (fp32) on a model from `load_quantized_model`."""
+    with quiet_transformers():
+        peft_model = get_peft_model(model, lora_config(model, Task.causal_lm, tt, default_targets))
+    upcast_trainable(peft_model)
+    return peft_model
+
+
+def forward_packed(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a packed batch (`ml.training.packing`): no 2D mask and no cache, so transformers reads
+    the restarting position ids as example boundaries and keeps attention inside each example."""
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits

@@ -12,6 +12,13 @@ scaled by the file's row count. Counts are cached in `File.stats["token_counts"]
 Phases, so that tokenizing (seconds) holds no transaction: `plan` reads the database (files, cached
 counts, measured speed), `compute` tokenizes without a session, `store_counts` caches fresh counts.
 
+Steps count micro-batches of examples, or of packed rows when the job packs (`ml.data.packing`, the
+plan the trainer uses). Memory: the peak per device predicted by `ml.memory` from the base model's
+config.json and safetensors headers, for the job's longest batch; `fits` compares it with
+`settings.worker_device_memory_bytes` (null when that is unknown). `precision: auto` counts as bf16
+activations unless the server's `device` setting is "cpu" (the workers' devices are not known here),
+and `gradient_checkpointing: auto` as on when the job would not fit without it.
+
 Speed: the mean `tokens_per_second` of the training metrics events of the most recent succeeded
 jobs with the same base model and training type ("measured"), else a default table ("default",
 measured on a 2-core CPU box: a GPU is much faster, so the first succeeded job fixes the basis).
@@ -37,8 +44,10 @@ from app.kit.storage import Storage
 from app.models_registry.catalog import get_spec
 from app.orm import File, Job, JobEvent
 from app.settings import get_settings
+from ml import memory
 from ml.config import RecipeConfig, Task, TrainingKind
 from ml.data.formats import BOM, iter_records, normalize
+from ml.data.packing import packed_row_count
 from ml.data.tokens import load_tokenizer_no_torch, token_lengths
 from ml.models.tokenizer_dir import tokenizer_dir
 
@@ -62,9 +71,23 @@ DEFAULT_TOKENS_PER_SECOND: dict[tuple[str, TrainingKind], float] = {
 # optimizer step over every weight dominates full fine-tuning on a CPU).
 FALLBACK_FULL_TOKENS_PER_SECOND = 300.0
 KIND_SPEED = {TrainingKind.full: 1.0, TrainingKind.lora: 4.7, TrainingKind.freeze: 7.3,
-              TrainingKind.prompt_tuning: 4.0}
+              TrainingKind.prompt_tuning: 4.0,
+              TrainingKind.qlora: 3.1}  # LoRA less 4-bit dequantization (about a third slower: not measured here)
 
 _local = threading.local()  # per thread: {model id: tokenizer}
+
+
+class MemoryOut(BaseModel):
+    """Predicted peak memory of one training device (`ml.memory`)."""
+
+    weights_bytes: int
+    gradients_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    peak_bytes: int
+    device_bytes: int | None  # settings.worker_device_memory_bytes
+    fits: bool | None  # peak within 90% of device_bytes; None when that is unknown
+    gradient_checkpointing: bool  # as this estimate assumes ("auto" resolved)
 
 
 class EstimateOut(BaseModel):
@@ -84,6 +107,8 @@ class EstimateOut(BaseModel):
     estimated_seconds: float
     basis: Literal["measured", "default"]
     sampled: bool  # counts scaled up from a sample of rows
+    packed_rows: int | None = None  # packing: rows the examples fill (steps count these)
+    memory: MemoryOut | None = None  # None when the base model's config cannot be read
 
 
 @dataclass
@@ -91,9 +116,12 @@ class TokenCount:
     tokens: int = 0
     examples: int = 0
     sampled: bool = False
+    longest: int = 0  # the longest example (of the sample)
+    packed_rows: int = 0  # rows of max_seq_length the examples pack into
 
     def as_dict(self) -> dict[str, Any]:
-        return {"tokens": self.tokens, "examples": self.examples, "sampled": self.sampled}
+        return {"tokens": self.tokens, "examples": self.examples, "sampled": self.sampled,
+                "longest": self.longest, "packed_rows": self.packed_rows}
 
 
 def base_tokenizer(model_id: str) -> PreTrainedTokenizerBase:
@@ -141,12 +169,15 @@ def count_file_tokens(path: Path, kind: str, rows: int, cfg: RecipeConfig, limit
     spec = get_spec(cfg.base_model)
     tok = base_tokenizer(spec.id)
     records, sampled = _rows(path, kind, rows, limit)
-    tokens = examples = read = 0
+    lengths: list[int] = []
+    read = 0
     for chunk in _chunks(records):
-        lengths = token_lengths(chunk, Task(cfg.task), tok, effective_max_len(cfg), spec.architecture == "decoder")
-        tokens, examples, read = tokens + sum(lengths), examples + len(lengths), read + len(chunk)
+        lengths += token_lengths(chunk, Task(cfg.task), tok, effective_max_len(cfg), spec.architecture == "decoder")
+        read += len(chunk)
     scale = rows / read if sampled and read else 1.0
-    return TokenCount(round(tokens * scale), round(examples * scale), sampled)
+    packed = packed_row_count(lengths, effective_max_len(cfg))
+    return TokenCount(round(sum(lengths) * scale), round(len(lengths) * scale), sampled, max(lengths, default=0),
+                      round(packed * scale))
 
 
 def effective_max_len(cfg: RecipeConfig) -> int:
@@ -163,9 +194,10 @@ def _cache_key(cfg: RecipeConfig) -> str:
 
 def _cached(file: File, cfg: RecipeConfig) -> TokenCount | None:
     hit = ((file.stats or {}).get("token_counts") or {}).get(_cache_key(cfg))
-    if not hit or hit.get("sha256") != file.sha256:
+    if not hit or hit.get("sha256") != file.sha256 or "packed_rows" not in hit:  # counted before packing: again
         return None
-    return TokenCount(int(hit["tokens"]), int(hit["examples"]), bool(hit["sampled"]))
+    return TokenCount(int(hit["tokens"]), int(hit["examples"]), bool(hit["sampled"]), int(hit["longest"]),
+                      int(hit["packed_rows"]))
 
 
 def _store(file: File, cfg: RecipeConfig, count: TokenCount) -> None:
@@ -259,7 +291,7 @@ def compute(p: Plan, storage: Storage) -> Result:
     cfg, kind = p.cfg, TrainingKind(p.cfg.training_type.type)
     fresh: dict[str, TokenCount] = {}
     t, v = _count(p.train, p, storage, fresh), _count(p.valid, p, storage, fresh)
-    steps = _steps(cfg, t.examples)
+    steps = _steps(cfg, t.packed_rows if cfg.packing else t.examples)
     tps = p.measured_tps or default_tokens_per_second(cfg.base_model, kind)
     work = t.tokens * cfg.n_epochs + EVAL_COST * v.tokens * _evaluations(cfg, steps, p.valid is not None)
     out = EstimateOut(
@@ -268,8 +300,43 @@ def compute(p: Plan, storage: Storage) -> Result:
         n_epochs=cfg.n_epochs, batch_size=cfg.batch_size, steps=steps, trained_tokens=t.tokens * cfg.n_epochs,
         tokens_per_second=round(tps, 1), estimated_seconds=round(STARTUP_SECONDS + work / tps, 1),
         basis="measured" if p.measured_tps else "default", sampled=t.sampled or v.sampled,
+        packed_rows=t.packed_rows if cfg.packing else None, memory=memory_estimate(cfg, t),
     )
     return Result(out, fresh)
+
+
+# --- memory ----------------------------------------------------------------------------------------
+
+def memory_estimate(cfg: RecipeConfig, t: TokenCount) -> MemoryOut | None:
+    settings = get_settings()
+    spec = get_spec(cfg.base_model)
+    shape = memory.shape_from_dir(tokenizer_dir(spec, settings.data_dir))  # the model dir, once it is built
+    if shape is None:
+        return None
+    device_bytes = settings.worker_device_memory_bytes
+    est = memory.plan(shape, _workload(cfg, t, spec.lora_target_modules, settings.device),
+                      cfg.gradient_checkpointing, device_bytes)
+    return MemoryOut.model_validate(est.as_dict(device_bytes))
+
+
+def _workload(cfg: RecipeConfig, t: TokenCount, default_targets: list[str], device_setting: str) -> memory.Workload:
+    tt = cfg.training_type
+    device = "cpu" if device_setting == "cpu" else "cuda"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if device == "cuda" else "fp32")
+    return memory.Workload(
+        Task(cfg.task), TrainingKind(tt.type), rows=cfg.batch_size, seq_len=_seq_len(cfg, t), precision=precision,
+        device=device, lora_r=tt.lora_r, lora_targets=tuple(tt.lora_target_modules or default_targets),
+        virtual_tokens=tt.num_virtual_tokens if tt.type is TrainingKind.prompt_tuning else 0,
+    )
+
+
+def _seq_len(cfg: RecipeConfig, t: TokenCount) -> int:
+    """Tokens per row of the job's largest micro-batch: packed rows fill up to max_seq_length; padded
+    batches pad to the longest example (length grouping puts the longest ones together)."""
+    max_len = effective_max_len(cfg)
+    if cfg.packing:
+        return max(1, min(max_len, t.tokens))
+    return max_len if t.sampled or not t.longest else t.longest  # a sample may miss the longest
 
 
 def store_counts(session: Session, p: Plan, fresh: dict[str, TokenCount]) -> None:

@@ -16,6 +16,7 @@ DEFAULT_EPOCHS = 3
 BASE_LR: dict[TrainingKind, float] = {
     TrainingKind.full: 5e-5,
     TrainingKind.lora: 2e-4,
+    TrainingKind.qlora: 2e-4,
     TrainingKind.freeze: 1e-3,
     TrainingKind.prompt_tuning: 3e-2,
 }
@@ -38,6 +39,8 @@ def auto_batch_size(n_examples: int) -> int:
 
 def base_learning_rate(spec: BaseModelSpec, kind: TrainingKind) -> float:
     tuned = spec.learning_rates.get(kind.value)
+    if tuned is None and kind is TrainingKind.qlora:
+        tuned = spec.learning_rates.get(TrainingKind.lora.value)  # the same adapters on a quantized base
     return tuned if tuned is not None else BASE_LR[kind] * spec.learning_rate_scale
 
 

@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.state import ExportStatus
-from ml.config import Task, TrainingKind
+from ml.config import Precision, Task, TrainingKind
 from ml.data.cleaning import CleaningIn
 
 Auto = Literal["auto"]
@@ -109,6 +109,12 @@ class JobCreate(BaseModel):
     cleaning: CleaningIn | None = None
     # checked (scheme, public address, signing secret) by app.webhooks.service.validate_webhook_url
     webhook_url: str | None = Field(None, max_length=2048)
+    # memory and speed (README "Memory and speed")
+    precision: Precision = Field("auto", description="auto: bf16 (fp16 + loss scaling without bf16) on CUDA, "
+                                                     "fp32 on CPU; fp16 needs a CUDA worker")
+    gradient_checkpointing: bool | Auto = Field("auto", description="auto: on when the activations would "
+                                                                    "not fit the worker's device otherwise")
+    packing: bool = Field(False, description="causal_lm: pack several examples per row (batch_size counts rows)")
 
     @field_validator("metadata")
     @classmethod

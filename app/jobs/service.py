@@ -32,8 +32,9 @@ from app.models_registry.catalog import check_supports, get_spec
 from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal, validate_webhook_url
-from ml.config import EarlyStopping, RecipeConfig, Task, TrainingTypeConfig
+from ml.config import EarlyStopping, RecipeConfig, Task, TrainingKind, TrainingTypeConfig
 from ml.data.formats import TASK_FORMATS, Format
+from ml.memory import gib
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
     spec = get_spec(base_id)
     tt = body.training_type_config()
     check_supports(spec, body.task.value, tt.type.value)
+    _check_memory_options(body, tt.type, spec.is_decoder)
     if body.early_stopping is not None and valid is None:
         raise InvalidRequest("Early stopping needs a validation_file.", param="early_stopping")
     max_len = body.max_seq_length or spec.max_seq_length
@@ -167,9 +169,19 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
         early_stopping=EarlyStopping(**body.early_stopping.model_dump()) if body.early_stopping else None,
         init_checkpoint_key=init_key,
         cleaning=body.cleaning.model_dump() if body.cleaning else {},
+        precision=body.precision, gradient_checkpointing=body.gradient_checkpointing, packing=body.packing,
     )
     hp_out = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     return cfg, hp_out, seed
+
+
+def _check_memory_options(body: JobCreate, kind: TrainingKind, decoder: bool) -> None:
+    """Shapes only: whether a worker has a GPU and bitsandbytes is for the worker to say."""
+    if kind is TrainingKind.qlora and not (body.task is Task.causal_lm and decoder):
+        raise InvalidRequest("QLoRA trains causal_lm jobs on decoder models only.", param="training_type",
+                             code="unsupported_training_type")
+    if body.packing and (body.task is not Task.causal_lm or kind is TrainingKind.prompt_tuning):
+        raise InvalidRequest("packing applies to causal_lm jobs other than prompt tuning.", param="packing")
 
 
 def _existing_for_key(session: Session, project: Project, key: str, request_hash: str) -> Job | None:
@@ -217,6 +229,20 @@ def _check_examples(out: EstimateOut, cfg: RecipeConfig) -> None:
                              f"{cfg.max_seq_length}: nothing is left to learn from.", param="max_seq_length")
 
 
+def _check_memory(out: EstimateOut) -> None:
+    """A job whose predicted peak clearly exceeds the workers' device memory fails now, not mid-run."""
+    mem = out.memory
+    if mem is None or mem.device_bytes is None or mem.peak_bytes <= mem.device_bytes:
+        return
+    raise InvalidRequest(
+        f"This job needs about {gib(mem.peak_bytes)} of device memory at its peak (weights "
+        f"{gib(mem.weights_bytes)}, gradients {gib(mem.gradients_bytes)}, optimizer {gib(mem.optimizer_bytes)}, "
+        f"activations {gib(mem.activations_bytes)}; gradient checkpointing "
+        f"{'on' if mem.gradient_checkpointing else 'off'}) but the workers have {gib(mem.device_bytes)}: use a "
+        "smaller batch_size or max_seq_length, gradient_checkpointing, or a LoRA / QLoRA training type.",
+        param="batch_size", code="insufficient_memory")
+
+
 def estimate_job(session: Session, project: Project, body: JobCreate) -> EstimateOut:
     spec = validate_spec(session, project, body)
     plan = estimate.plan(session, spec.cfg, spec.train, spec.valid)
@@ -246,6 +272,7 @@ def _creation_estimate(session: Session, project: Project, body: JobCreate) -> E
         log.warning("could not estimate a new job on %s", spec.cfg.base_model, exc_info=True)
         return None
     _check_examples(out, spec.cfg)
+    _check_memory(out)
     return out
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from ml import checkpoint
+from ml import checkpoint, memory
 from ml.checkpoint import CheckpointInfo, adapter_kind, has_info, is_adapter_dir, read_info, state_dir
 from ml.config import (
     Hooks,
@@ -34,23 +34,31 @@ from ml.config import (
     TrainingKind,
     TrainOutcome,
 )
+from ml.data.packing import pack_rows, row_lengths
 from ml.errors import InputError, TrainingDataError
 from ml.evaluation import Batch, score
 from ml.modeling import (
     ADAPTER_KINDS,
+    apply_qlora,
     apply_training_type,
-    autocast,
+    enable_gradient_checkpointing,
     forward_logits,
+    forward_packed,
     load_adapter,
+    load_quantized_model,
     load_task_model,
     load_tokenizer,
     pick_device,
+    qlora_unavailable,
     trainable_parameters,
+    upcast_trainable,
 )
 from ml.models.base import LocalBase
 from ml.training import data as D
 from ml.training.losses import loss_sum
 from ml.training.metrics import improved
+from ml.training.packing import PACKED_KEY, PackedCollator, use_packed_attention
+from ml.training.precision import Precision
 from ml.training.state import RngState, capture_rng, load_state, restore_rng, save_state, seed_everything
 
 PROBLEM_TYPES = {Task.classification: "single_label_classification", Task.regression: "regression"}
@@ -151,12 +159,15 @@ class TrainingRecipe:
     def setup(self) -> None:
         seed_everything(self.cfg.seed)
         self.device = pick_device(self.device_name)
+        self._check_device()
         self.sources = plan_sources(self.base_dir, self.init_dir, self.resume_dir)
         self.tokenizer = load_tokenizer(self.sources.tokenizer)
         train_records, valid_records = self._read_records()
         self.label_names = self._resolve_labels(train_records, valid_records)
-        self.model = self._build_model().to(self.device)
+        self.model = self._build_model()
         self._encode(train_records, valid_records)
+        self._fit_memory()  # before the weights go to the device: fail fast instead of running out of memory
+        self.model = self._place(self.model)
         self._build_optimizer()
         if self.resume_dir is not None:
             self._restore(state_dir(self.resume_dir))
@@ -187,6 +198,8 @@ class TrainingRecipe:
         return None
 
     def _build_model(self) -> torch.nn.Module:
+        if self.kind is TrainingKind.qlora:
+            return self._build_qlora_model()
         model = load_task_model(self.task, self.sources.weights, self.tokenizer, self.label_names)
         if self.sources.adapter is not None:
             return self._attach_adapter(model, self.sources.adapter)
@@ -229,6 +242,7 @@ class TrainingRecipe:
         pad_left = self.tokenizer.padding_side == "left" or (decoder and self.task is not Task.causal_lm)
         self.collator = D.Collator(self.task, self.tokenizer, pad_left, self.cfg.seed)
         self.train_lengths = [len(e.input_ids) for e in self.train_set]
+        self._plan_packing()
         n_micro = len(D.epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, 0))
         self.steps_per_epoch = math.ceil(n_micro / max(1, self.cfg.gradient_accumulation_steps))
         self.total_steps = self.steps_per_epoch * self.cfg.n_epochs
@@ -252,7 +266,7 @@ class TrainingRecipe:
         )
 
     def _restore(self, state_dir: Path) -> None:
-        rng, state = load_state(state_dir, self.optimizer, self.scheduler)
+        rng, state = load_state(state_dir, self.optimizer, self.scheduler, self.scaler)
         self.progress = Progress(**state)
         self._resume_rng = rng
 
@@ -290,6 +304,108 @@ class TrainingRecipe:
                 "initialised head, so early predictions are meaningless and the base model gets no score",
                 level="warn", data={"new_head": self.task.value},
             )
+
+    # --- memory and speed: precision, QLoRA, packing, gradient checkpointing ----------------------
+
+    def _check_device(self) -> None:
+        """Refuse what this worker cannot train before loading anything (the runner fails the job with it)."""
+        self.precision = Precision.resolve(self.cfg.precision, self.device)
+        self.scaler = self.precision.scaler()
+        if self.kind is TrainingKind.qlora:
+            if self.task is not Task.causal_lm:
+                raise InputError("QLoRA trains causal_lm jobs only", param="training_type")
+            if (why := qlora_unavailable(self.device)) is not None:
+                raise InputError(why, param="training_type")
+
+    def _build_qlora_model(self) -> torch.nn.Module:
+        model = load_quantized_model(self.sources.weights, self.device, self.precision.dtype or torch.float32)
+        if self.sources.adapter is not None:  # a LoRA checkpoint continues on the 4-bit base
+            return self._attach_adapter(model, self.sources.adapter)
+        return apply_qlora(model, self.cfg.training_type, self.spec.lora_target_modules)
+
+    def _place(self, model: torch.nn.Module) -> torch.nn.Module:
+        """On the device, trainable parameters in fp32 (a 4-bit model was loaded onto it)."""
+        placed = model if self.kind is TrainingKind.qlora else model.to(self.device)
+        upcast_trainable(placed)
+        return placed
+
+    def _plan_packing(self) -> None:
+        """Packed SFT plans batches over rows of several examples (`ml.data.packing`): `train_lengths`
+        become row lengths, so steps, windows and resume positions count rows."""
+        self.packed_rows: list[list[int]] | None = None
+        if not self.cfg.packing:
+            return
+        if self.task is not Task.causal_lm or self.kind is TrainingKind.prompt_tuning:
+            raise InputError("packing applies to causal_lm jobs other than prompt tuning", param="packing")
+        self.packed_rows = pack_rows(self.train_lengths, self._max_len())
+        self.train_lengths = row_lengths(self.packed_rows, self.train_lengths)
+        self.packer = PackedCollator(self.collator.pad_id)
+        if self.device.type == "cpu":  # GPUs run the block-diagonal mask in one fused kernel per layer
+            use_packed_attention(self.model)
+
+    def _collate_train(self, idx: list[int], key: tuple[int, int]) -> dict[str, torch.Tensor]:
+        if self.packed_rows is None:
+            return self._collate(self.train_set, idx, key)
+        return self.packer([[self.train_set[i] for i in self.packed_rows[r]] for r in idx])
+
+    def _workload(self) -> memory.Workload:
+        tt = self.cfg.training_type
+        virtual = tt.num_virtual_tokens if self.kind is TrainingKind.prompt_tuning else 0
+        targets = tuple(tt.lora_target_modules or self.spec.lora_target_modules)
+        return memory.Workload(
+            self.task, self.kind, rows=self.cfg.batch_size, seq_len=max(self.train_lengths),
+            precision=self.precision.name,  # type: ignore[arg-type]
+            device=self.device.type, lora_r=tt.lora_r, lora_targets=targets, virtual_tokens=virtual,
+            num_labels=len(self.label_names or []) or 1,
+        )
+
+    def _fit_memory(self) -> None:
+        """Predict the peak (`ml.memory`) against what this device has free, fail fast when it cannot fit,
+        and turn gradient checkpointing on when asked (or, for "auto", when needed to fit)."""
+        shape = memory.shape_from_dir(self.sources.weights)
+        setting = self.cfg.gradient_checkpointing
+        if shape is None:  # a model the memory model cannot read: only an explicit request counts
+            self._use_checkpointing(setting is True and self.kind is not TrainingKind.freeze)
+            return
+        work = self._workload()
+        capacity = self._device_capacity(memory.estimate(shape, work).weights_bytes)
+        est = memory.plan(shape, work, setting, capacity)
+        where = f"{self.device} ({self.precision.name})"
+        if capacity is not None and est.peak_bytes > capacity:
+            raise InputError(
+                f"This job needs about {est.summary()} on {where}, but only {memory.gib(capacity)} is free: "
+                "use a smaller batch_size or max_seq_length, gradient_checkpointing, or a LoRA / QLoRA "
+                "training type", param="batch_size", code="insufficient_memory")
+        self._use_checkpointing(est.checkpointing)
+        packing = f"; packing {len(self.train_set)} examples into {len(self.train_lengths)} rows" \
+            if self.packed_rows is not None else ""
+        self.hooks.message(
+            f"Memory: {est.summary()} predicted on {where}; gradient checkpointing "
+            f"{'on' if est.checkpointing else 'off'}{packing}",
+            data={"memory": est.as_dict(capacity), "precision": self.precision.name,
+                  "packing": self.packed_rows is not None})
+
+    def _device_capacity(self, weights: int) -> int | None:
+        """Bytes this job can use on its device: free now, plus the weights when they already sit there."""
+        if self.device.type == "cuda":
+            free = int(torch.cuda.mem_get_info(self.device)[0])
+            return free + (weights if self.kind is TrainingKind.qlora else 0)
+        available = memory.host_available_bytes() if self.device.type == "cpu" else None
+        return None if available is None else available + weights
+
+    def _use_checkpointing(self, on: bool) -> None:
+        if on:
+            enable_gradient_checkpointing(self.model)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _step_optimizer(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+            return
+        self.scaler.step(self.optimizer)  # skipped when the scaled gradients overflowed
+        self.scaler.update()
 
     # --- loop ---------------------------------------------------------------------------------
 
@@ -335,7 +451,7 @@ class TrainingRecipe:
 
     def _train_step(self, epoch: int, start: int, window: list[list[int]]) -> StepResult | Interrupt:
         self._step_rng = capture_rng()
-        batches = [self._collate(self.train_set, idx, (epoch, start + j)) for j, idx in enumerate(window)]
+        batches = [self._collate_train(idx, (epoch, start + j)) for j, idx in enumerate(window)]
         total = max(1, sum(int(b["n_targets"]) for b in batches))
         loss_value, tokens = 0.0, 0
         for batch in batches:
@@ -344,7 +460,7 @@ class TrainingRecipe:
                 self.optimizer.zero_grad(set_to_none=True)
                 return why
             loss = self._loss(batch) / total
-            loss.backward()
+            self._backward(loss)
             loss_value += loss.item()
             tokens += int(batch["n_tokens"])
         lr = float(self.optimizer.param_groups[0]["lr"])
@@ -358,15 +474,18 @@ class TrainingRecipe:
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        with autocast(self.device):
-            logits = forward_logits(self.model, batch, self.task)
+        with self.precision.autocast():
+            packed = PACKED_KEY in batch
+            logits = forward_packed(self.model, batch) if packed else forward_logits(self.model, batch, self.task)
         return loss_sum(self.task, logits, batch)
 
     def _optimizer_step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.cfg.max_grad_norm and self.cfg.max_grad_norm > 0:
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        self._step_optimizer()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -525,7 +644,7 @@ class TrainingRecipe:
         )
         checkpoint.save(local_dir, self.model, self.tokenizer, info)
         if with_state:
-            save_state(state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress))
+            save_state(state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress), self.scaler)
         return info
 
     def cleanup(self) -> None:

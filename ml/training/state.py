@@ -5,6 +5,7 @@ optimizer.json         param_groups and the non-tensor per-param state
 scheduler.json         LR scheduler state_dict
 rng.safetensors        torch CPU/CUDA generator states + numpy/python MT states (scalars in metadata)
 trainer_state.json     step, epoch, position in the epoch, early-stopping and logging counters
+scaler.json            fp16 training only: the loss scaler's scale and growth tracker
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+SCALER_FILE = "scaler.json"
 
 
 @dataclass
@@ -49,7 +52,8 @@ def restore_rng(rng: RngState) -> None:
 
 
 def save_state(
-    out: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rng: RngState, trainer_state: dict[str, Any]
+    out: Path, optimizer: torch.optim.Optimizer, scheduler: Any, rng: RngState, trainer_state: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
@@ -58,15 +62,20 @@ def save_state(
     _write_json(out / "scheduler.json", scheduler.state_dict())
     _save_rng(out / "rng.safetensors", rng)
     _write_json(out / "trainer_state.json", trainer_state)
+    if scaler is not None:
+        _write_json(out / SCALER_FILE, scaler.state_dict())
 
 
 def load_state(
-    src: Path, optimizer: torch.optim.Optimizer, scheduler: Any
+    src: Path, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler | None = None
 ) -> tuple[RngState, dict[str, Any]]:
-    """Loads optimizer and scheduler in place; returns the RNG states and the trainer state."""
+    """Loads optimizer, scheduler (and the loss scaler, when both sides have one) in place; returns the
+    RNG states and the trainer state."""
     meta = json.loads((src / "optimizer.json").read_text())
     optimizer.load_state_dict(_unflatten_optimizer(load_file(str(src / "optimizer.safetensors")), meta))
     scheduler.load_state_dict(json.loads((src / "scheduler.json").read_text()))
+    if scaler is not None and (src / SCALER_FILE).exists():
+        scaler.load_state_dict(json.loads((src / SCALER_FILE).read_text()))
     return _load_rng(src / "rng.safetensors"), json.loads((src / "trainer_state.json").read_text())
 
 

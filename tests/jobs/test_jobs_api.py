@@ -64,7 +64,7 @@ def test_method_hyperparameters_and_extensions(client: TestClient, cls_file: str
     ({"task": "classification"}, "training_file"),  # chat file can't train a classifier
     ({"training_type": {"type": "lora", "lora_r": 0}}, "training_type.lora_r"),
     ({"training_type": {"type": "lora", "lora_dropout": 1.5}}, "training_type.lora_dropout"),
-    ({"training_type": {"type": "qlora"}}, "training_type.type"),
+    ({"training_type": {"type": "adalora"}}, "training_type.type"),
     ({"learning_rate": 0}, "learning_rate"),
     ({"warmup_ratio": 0.9}, "warmup_ratio"),
     ({"weight_decay": -0.1}, "weight_decay"),

@@ -40,6 +40,16 @@ RESUME_CASES = [
         at_call(7, Interrupt.paused),
         id="tiny-causal-lora-mid-accumulation",
     ),
+    # packed rows (batches planned over rows) + gradient checkpointing, paused mid-accumulation
+    pytest.param(
+        "tiny-lm",
+        "causal_lm",
+        "lora",
+        "chat",
+        {"gradient_accumulation_steps": 2, "packing": True, "gradient_checkpointing": True, "max_seq_length": 128},
+        at_call(7, Interrupt.paused),  # epoch 2, second micro-batch (after an evaluation)
+        id="tiny-causal-lora-packed-checkpointed",
+    ),
     pytest.param(
         "tiny-lm",
         "causal_lm",

@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
+from ml import evaluation as ev
 from ml.modeling import forward_logits
 from tests.ml.training import datasets as ds
 from tests.ml.training.conftest import Run, loss_drop, make_cfg
@@ -67,13 +68,17 @@ def first_tokens(run: Run, questions: list[str]) -> list[str]:
     """The greedy first answer token per question, through the training forward (prompt tuning
     included: peft's own `generate` mishandles prompt tuning's KV cache under transformers 5)."""
     tok, model = run.recipe.tokenizer, run.recipe.model.eval()
-    rows = [list(tok.apply_chat_template(chat(q), add_generation_prompt=True, return_dict=True)["input_ids"])
-            for q in questions]
+    rows = [prompt_ids(tok, q) for q in questions]
     width = max(map(len, rows))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
     logits = forward_logits(model, {"input_ids": ids, "attention_mask": mask}, run.recipe.task)
     return [tok.decode(t) for t in logits[:, -1].argmax(-1).tolist()]
+
+
+def prompt_ids(tok: PreTrainedTokenizerBase, question: str) -> list[int]:
+    out: Any = tok.apply_chat_template(chat(question), add_generation_prompt=True, return_dict=True)
+    return list(out["input_ids"])
 
 
 def format_rate(outputs: list[str]) -> float:
@@ -120,6 +125,14 @@ def test_full_and_prompt_tuning_train_on_chat(kind: str, lr: float, batch_size: 
           f"answers opening with '{{' {braces:.2f}: {starts}")
     assert run.outcome.completed and last < 0.6 * first and braces >= 0.5
     assert run.hooks.checkpoints
+    # the evaluation report's decoder (serving's: KV cache, prompt tuning's virtual tokens as embeddings)
+    # opens each answer with the training forward's greedy token
+    prompts = [ev.GenPrompt(prompt_ids(run.recipe.tokenizer, q), [0] * 8) for q in HELD_OUT]
+    answers = ev.greedy_answers(run.recipe.model, run.recipe.tokenizer, prompts, run.recipe.device, lambda: None)
+    print(f"  generated: {answers}")
+    assert answers is not None
+    special = set(run.recipe.tokenizer.all_special_tokens)
+    assert all(a.startswith(t) for a, t in zip(answers, starts, strict=True) if t not in special)
 
 
 @pytest.mark.slow
