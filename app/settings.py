@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     run_reaper: bool = True  # the API process runs the reaper loop (safe with many replicas)
     # Redis redelivers an unacked task after this long; it must outlive a lease.
     visibility_timeout_seconds: int = 6 * 3600
+    # Training jobs of one project running at once; more wait queued. 0 -> unlimited.
+    max_running_jobs_per_project: int = Field(default=0, ge=0)
+    # Leftovers (app.kit.storage cleanup): staging entries and unreferenced stored objects older than
+    # these are removed at start-up and every `cleanup_interval_seconds` (by the reaper).
+    staging_grace_seconds: float = Field(default=3600.0, gt=0)
+    orphan_grace_seconds: float = Field(default=6 * 3600.0, gt=0)
+    cleanup_interval_seconds: float = Field(default=600.0, gt=0)
 
     # Training
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -55,8 +62,11 @@ class Settings(BaseSettings):
 
     # Inference runs in inference workers behind this URL; embedded `serve` starts one and sets it.
     inference_url: str = ""
+    # Shared secret of the inference workers' /internal API (the API sends it as a bearer token); a
+    # worker without one refuses every internal call. Embedded `serve` generates one for its worker.
+    internal_token: str = ""
     inference_max_batch_size: int = 32
-    inference_max_wait_ms: float = 5.0
+    inference_max_wait_ms: float = 0.0  # > 0 delays lone requests to coalesce more; 0: never waits
     inference_max_adapters: int = 32
     inference_max_bases: int = 2
     inference_max_full_models: int = 2
@@ -71,6 +81,18 @@ class Settings(BaseSettings):
     webhook_allow_http: bool = False
     # Exempt from the public-address rule (app.webhooks.urls): host names, IPs or CIDRs; env is comma-separated.
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = []
+
+    # Tenancy (app.tenancy): defaults for every project, overridden per project with
+    # `tunehouse projects limits set`. 0 -> unlimited.
+    rate_limit_rpm: int = Field(default=0, ge=0)  # requests per minute per API key
+    max_queued_jobs: int = Field(default=0, ge=0)  # jobs validating or queued, per project
+    max_storage_bytes: int = Field(default=0, ge=0)  # bytes of live files, per project
+    # Bearer token of the operator endpoints (/v1/operator/...); empty -> they are disabled.
+    operator_token: str = ""
+
+    # /metrics (job counts of every project) takes the operator token; without one it is off (404)
+    # unless this is set, which serves it to anyone who can reach the port.
+    metrics_public: bool = False
 
     log_json: bool = True
 

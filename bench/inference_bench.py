@@ -97,7 +97,7 @@ class Case:
     """A warm engine + its own event loop; `run` adds one timed round to its totals."""
 
     def __init__(self, storage: LocalStorage, keys: list[str], max_batch: int, clients: int) -> None:
-        self.engine = Engine(EngineConfig(max_batch_size=max_batch, max_wait_ms=5.0, max_adapters=32, device="cpu"),
+        self.engine = Engine(EngineConfig(max_batch_size=max_batch, max_adapters=32, device="cpu"),
                              base_dir=lambda base: local_base(base).path, storage=storage)
         self.svc = LocalInference(self.engine, timeout_s=300)
         self.refs = [ModelRef(name=k, storage_key=k, task="classification") for k in keys]

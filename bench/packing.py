@@ -6,7 +6,9 @@ LoRA, causal-LM SFT on chat records), measured in the same run on the same machi
   packed  `packing: true`: examples packed into rows of up to max_seq_length tokens (block-diagonal
           attention through restarting position ids), `batch_size` rows per micro-batch;
   padded, same tokens  the baseline with `batch_size` x (examples per packed row): as many tokens per
-          micro-batch as packing, so the two effects (no padding vs. bigger micro-batches) separate.
+          micro-batch as packing, so the two effects (no padding vs. bigger micro-batches) separate;
+  padded, random  naive padding: random batches padded to their longest example, as a trainer without
+          length grouping runs (Trainer's default, and the baseline of the published packing figures).
 
 The length mix is log-normal, as chat data is: most examples short, a long tail up to max_seq_length.
 Tokens are real (non-pad) tokens per CPU-second of the optimizer steps (one torch thread: the box may be
@@ -98,12 +100,22 @@ def chat_records(n: int, seed: int, mean_words: float) -> list[dict[str, Any]]:
     return rows
 
 
+def random_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Seeded shuffle, no length grouping: the naive baseline's batches."""
+    order = list(range(len(lengths)))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def run(model: str, train: Path, packing: bool, batch_size: int, args: argparse.Namespace,
-        tokens_per_step: float) -> tuple[float, list[int]]:
+        tokens_per_step: float, grouped: bool = True) -> tuple[float, list[int]]:
     """tokens/s of one run (first step excluded) and the example lengths it trained on."""
     from app.models_registry.catalog import local_base
     from ml.config import RecipeConfig
     from ml.training import build_recipe
+    from ml.training import data as D
+
+    grouping = D.epoch_batches
 
     steps = max(3, math.ceil(args.tokens / tokens_per_step) + 1)
     cfg = RecipeConfig.model_validate({
@@ -116,9 +128,11 @@ def run(model: str, train: Path, packing: bool, batch_size: int, args: argparse.
     try:
         recipe.setup()
         steps = timed_steps(recipe)
+        D.epoch_batches = grouping if grouped else random_batches  # type: ignore[assignment]
         recipe.train()
         lengths = [len(e.input_ids) for e in recipe.train_set]
     finally:
+        D.epoch_batches = grouping  # type: ignore[assignment]
         recipe.cleanup()
         shutil.rmtree(work, ignore_errors=True)
     counted = steps[1:]  # the first step warms up
@@ -134,13 +148,14 @@ def bench_model(model: str, args: argparse.Namespace, tmp: Path) -> dict[str, An
     mean = statistics.fmean(lengths)
     per_row = len(lengths) / len(pack_rows(lengths, args.max_len))
     same_tokens = max(args.batch_size + 1, round(args.batch_size * per_row))
-    modes = {"padded": (False, args.batch_size, mean * args.batch_size),
-             "packed": (True, args.batch_size, mean * per_row * args.batch_size),
-             "padded_same_tokens": (False, same_tokens, mean * same_tokens)}
+    modes = {"padded": (False, args.batch_size, mean * args.batch_size, True),
+             "packed": (True, args.batch_size, mean * per_row * args.batch_size, True),
+             "padded_same_tokens": (False, same_tokens, mean * same_tokens, True),
+             "padded_random": (False, args.batch_size, mean * args.batch_size, False)}
     speeds: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        for name, (packing, batch, per_step) in modes.items():
-            speeds[name].append(run(model, train, packing, batch, args, per_step)[0])
+        for name, (packing, batch, per_step, grouped) in modes.items():
+            speeds[name].append(run(model, train, packing, batch, args, per_step, grouped)[0])
     q = statistics.quantiles(lengths, n=10)
     return {"model": model, "speeds": {m: statistics.median(v) for m, v in speeds.items()}, "runs": speeds,
             "mean": mean, "p10": q[0], "p50": statistics.median(lengths), "p90": q[-1], "max": max(lengths),
@@ -166,7 +181,10 @@ def padding_waste(lengths: list[int], args: argparse.Namespace) -> dict[str, flo
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     ratios = ", ".join(f"{r['model']} {r['speeds']['packed'] / r['speeds']['padded']:.2f}x" for r in results)
-    print(f"packed / padded training tokens per CPU-second (same batch_size {args.batch_size}): {ratios}")
+    naive = ", ".join(f"{r['model']} {r['speeds']['packed'] / r['speeds']['padded_random']:.2f}x" for r in results)
+    print(f"packed / padded training tokens per CPU-second (same batch_size {args.batch_size}): "
+          f"vs length-grouped padding (the strongest baseline, every job's default) {ratios}; "
+          f"vs naive random-batch padding {naive}")
     for r in results:
         s, same = r["speeds"], r["same_tokens_batch"]
         print(f"\n{r['model']}: {args.examples} chat examples, tokens p10 {r['p10']:.0f} / median {r['p50']:.0f} / "
@@ -175,7 +193,9 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
         lines = [(f"padded, length-grouped, batch {args.batch_size}", s["padded"], ""),
                  (f"packed, batch {args.batch_size} rows", s["packed"], f"{s['packed'] / s['padded']:.2f}x"),
                  (f"padded, batch {same} (packed's tokens/step)", s["padded_same_tokens"],
-                  f"packed is {s['packed'] / s['padded_same_tokens']:.2f}x")]
+                  f"packed is {s['packed'] / s['padded_same_tokens']:.2f}x"),
+                 (f"padded, random batches of {args.batch_size} (naive)", s["padded_random"],
+                  f"packed is {s['packed'] / s['padded_random']:.2f}x")]
         for label, speed, note in lines:
             print(f"  {label:<44} {speed:>9.0f} tok/s  {note}")
         w = r["waste"]

@@ -51,9 +51,9 @@ from ml.training import build_recipe
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SWEEP: dict[str, list[float]] = {  # learning rates tried per method (the default is added)
-    "lora": [3e-4, 1e-3, 3e-3, 1e-2],
-    "full": [2e-5, 5e-5, 1e-4, 2e-4],
-    "freeze": [1e-3, 3e-3, 1e-2, 3e-2],
+    "lora": [3e-4, 1e-3, 3e-3],
+    "full": [5e-5, 1e-4, 2e-4],
+    "freeze": [1e-2, 3e-2, 1e-1],
     "prompt_tuning": [3e-3, 1e-2, 3e-2, 1e-1],
 }
 

@@ -33,6 +33,15 @@ class TrainingKind(StrEnum):
     qlora = "qlora"  # LoRA on a 4-bit (NF4) base: CUDA workers with bitsandbytes only
 
 
+class Method(StrEnum):
+    """OpenAI's fine-tuning `method.type` (reinforcement is not supported)."""
+
+    supervised = "supervised"
+    dpo = "dpo"  # preference pairs, `ml.training.dpo`
+
+
+DEFAULT_DPO_BETA = 0.1  # what `beta: "auto"` resolves to
+
 LORA_KINDS = (TrainingKind.lora, TrainingKind.qlora)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
@@ -84,6 +93,9 @@ class RecipeConfig(BaseModel):
     precision: Precision = "auto"  # auto: bf16 (fp16 + loss scaling without bf16) on CUDA, fp32 elsewhere
     gradient_checkpointing: bool | Literal["auto"] = False  # auto: on when the activations would not fit
     packing: bool = False  # causal_lm: several examples per row; `batch_size` then counts rows
+    # Preference tuning: `batch_size` then counts pairs; `beta` scales the DPO loss's implicit reward.
+    method: Method = Method.supervised
+    beta: float = DEFAULT_DPO_BETA
 
 
 class Interrupt(StrEnum):

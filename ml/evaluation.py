@@ -16,6 +16,10 @@ learned span (chat: the last assistant turn; prompt/completion: the completion) 
 the reference: `exact_match` (equal up to whitespace) and `format_match` (the same shape, see
 `same_format`), as rates in [0, 1]. Plain-text examples have no prompt and are not generated.
 
+DPO jobs (`ml.training.dpo`) are scored on the validation pairs instead: the reference model (the one
+the job started from) against the tuned one, on the DPO loss and rewards and on each model's own ranking
+of the pairs (`preference_accuracy`, `logp_margin`); nothing is generated.
+
 Report (stored in `jobs.evaluation`, shown as the job's `evaluation`, sent as an event):
     {"validation_file", "validation_examples", "base_model", "task",
      "metrics": {"base": {...}, "fine_tuned": {...}}, "delta": {metric: fine_tuned - base}}
@@ -35,10 +39,12 @@ import torch
 from peft import PeftModel
 from transformers import PreTrainedTokenizerBase
 
-from ml.config import Hooks, RecipeConfig, Task
+from ml.config import Hooks, Method, RecipeConfig, Task
 from ml.data.tokens import IGNORE
 from ml.modeling import autocast, forward_logits, load_task_model
 from ml.models.base import BaseModelSpec
+from ml.training.dpo import evaluate as dpo_evaluate
+from ml.training.dpo import reference_metrics
 from ml.training.losses import loss_sum, predictions
 from ml.training.metrics import classification_metrics, higher_is_better, perplexity, regression_metrics
 from ml.training.state import seed_everything
@@ -145,6 +151,8 @@ def build_report(recipe: Evaluable, validation_file: str | None) -> dict[str, An
     batches = recipe.eval_batches()
     if not batches:
         return None
+    if recipe.cfg.method is Method.dpo:
+        return _preference_report(recipe, batches, validation_file)
     prompts = generation_prompts(recipe, batches)
     tuned = recipe.current_metrics() or _score(recipe, recipe.model, batches)
     tuned = _with_generation(recipe, recipe.model, prompts, tuned)
@@ -157,6 +165,19 @@ def build_report(recipe: Evaluable, validation_file: str | None) -> dict[str, An
               "base_model": recipe.cfg.base_model, "task": recipe.task.value,
               "metrics": {"base": before, "fine_tuned": tuned}, "delta": delta}
     return report | ({"generated_examples": len(prompts)} if prompts else {})
+
+
+def _preference_report(recipe: Evaluable, batches: list[Batch], validation_file: str | None) -> dict[str, Any] | None:
+    tuned = recipe.current_metrics() or dpo_evaluate(recipe.model, batches, recipe.cfg.beta, recipe.device,
+                                                     recipe.hooks.interrupted)
+    if tuned is None:
+        return None
+    before = reference_metrics(batches)
+    delta = {k: tuned[k] - before[k] for k in tuned if k in before}
+    pairs = sum(len(b["input_ids"]) // 2 for b in batches)
+    return {"validation_file": validation_file, "validation_examples": pairs, "base_model": recipe.cfg.base_model,
+            "task": recipe.task.value, "method": Method.dpo.value, "base": "reference (the model the job started from)",
+            "metrics": {"base": before, "fine_tuned": tuned}, "delta": delta}
 
 
 def summary(report: dict[str, Any]) -> str:

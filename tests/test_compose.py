@@ -81,8 +81,8 @@ def _check_celery(words: list[str]) -> None:
     app = getattr(importlib.import_module(module), attr or "app")
     assert isinstance(app, Celery)
     sub = words[words.index("-A") + 2]
-    if sub == "flower":  # installed in the image, not a project dependency
-        assert "flower" in (ROOT / "Dockerfile").read_text()
+    if sub == "flower":  # the `flower` extra, installed in the image
+        assert "flower" in _extras()["flower"][0] and ".[s3,flower]" in (ROOT / "Dockerfile").read_text()
     else:
         assert sub in {"worker", "beat", "inspect", "status"}, sub
 
@@ -109,9 +109,33 @@ def test_expected_services_and_commands() -> None:
     assert _commands(SERVICES["worker-infer"])[0][:3] == ["python", "-m", "worker.inference_server"]
 
 
-def test_worker_train_reserves_a_gpu() -> None:
-    devices = SERVICES["worker-train"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+def _extras() -> dict[str, list[str]]:
+    import tomllib
+
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]  # type: ignore[no-any-return]
+
+
+def _gpu_devices(name: str) -> list[dict[str, Any]]:
+    return SERVICES[name]["deploy"]["resources"]["reservations"]["devices"]  # type: ignore[no-any-return]
+
+
+def test_gpu_workers_are_pinned_to_their_own_gpu() -> None:
+    """`count: 1` lets Docker give every container GPU 0: each GPU service names its device instead,
+    training and inference different ones by default."""
+    train, infer = _gpu_devices("worker-train"), _gpu_devices("worker-infer")
+    assert train == [{"driver": "nvidia", "device_ids": ["${TRAIN_GPU:-0}"], "capabilities": ["gpu"]}]
+    assert infer == [{"driver": "nvidia", "device_ids": ["${INFER_GPU:-1}"], "capabilities": ["gpu"]}]
+    for name, svc in SERVICES.items():
+        for dev in (svc.get("deploy") or {}).get("resources", {}).get("reservations", {}).get("devices", []):
+            assert "count" not in dev, f"{name} reserves GPUs by count"
+
+
+def test_flower_requires_a_password_and_binds_locally() -> None:
+    svc = SERVICES["flower"]
+    auth = svc["environment"]["FLOWER_BASIC_AUTH"]
+    assert auth.startswith("${FLOWER_USER:?") and ":${FLOWER_PASSWORD:?" in auth
+    assert svc["ports"] == ["${FLOWER_BIND:-127.0.0.1}:5555:5555"]
+    assert "/healthcheck" in (_python_healthcheck(svc["healthcheck"]["test"]) or "")  # open without auth
 
 
 def _python_healthcheck(test: list[str]) -> str | None:
@@ -167,6 +191,8 @@ def test_environment_matches_settings() -> None:
     for name in OUR_IMAGES:
         env = SERVICES[name].get("environment") or {}
         for key in env:
+            if name == "flower" and key.startswith("FLOWER_"):
+                continue
             assert key.startswith("TUNEHOUSE_"), (name, key)
             assert key.removeprefix("TUNEHOUSE_").lower() in fields, f"{name}: {key} is not a setting"
         assert env["TUNEHOUSE_DATABASE_URL"].startswith("postgresql+psycopg://")
@@ -257,3 +283,17 @@ def test_prometheus_scrapes_the_api() -> None:
     job = prom["scrape_configs"][0]
     assert job["metrics_path"] == "/metrics"
     assert "api:8000" in job["static_configs"][0]["targets"]
+
+
+def test_internal_and_operator_tokens() -> None:
+    """worker-infer takes only calls bearing the API's internal token (required: compose refuses to start
+    without it); Prometheus scrapes /metrics with the operator token, mounted as a secret."""
+    for name in ("api", "worker-infer"):
+        env = SERVICES[name]["environment"]
+        assert env["TUNEHOUSE_INTERNAL_TOKEN"].startswith("${TUNEHOUSE_INTERNAL_TOKEN:?"), name
+    assert SERVICES["api"]["environment"]["TUNEHOUSE_OPERATOR_TOKEN"] == "${TUNEHOUSE_OPERATOR_TOKEN:-}"
+    assert COMPOSE["secrets"]["operator_token"] == {"environment": "TUNEHOUSE_OPERATOR_TOKEN"}
+    assert any(str(s).startswith("operator_token") for s in SERVICES["prometheus"]["secrets"])
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    assert prom["scrape_configs"][0]["authorization"] == {
+        "type": "Bearer", "credentials_file": "/run/secrets/operator_token"}

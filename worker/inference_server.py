@@ -4,17 +4,20 @@
 
 The API (with `TUNEHOUSE_INFERENCE_URL=http://host:8001`) resolves models against the database
 and forwards `{"ref": <resolved model>, "request": <OpenAI body>}` here; this process never
-touches the database, only the artifact storage (the same `artifact_url`)."""
+touches the database, only the artifact storage (the same `artifact_url`). Its /internal API takes only
+calls bearing the shared secret `TUNEHOUSE_INTERNAL_TOKEN` (compared in constant time); without one set
+it refuses them all, and `main` will not start."""
 
 from __future__ import annotations
 
 import argparse
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from app.inference.local import LocalInference, make_engine
@@ -27,8 +30,8 @@ from app.inference.schemas import (
     PredictionList,
     PredictionRequest,
 )
-from app.kit.errors import InvalidRequest, install_error_handlers
-from app.kit.logging import configure_logging
+from app.kit.errors import AuthenticationError, InvalidRequest, install_error_handlers
+from app.kit.logging import configure_logging, log_config
 from app.settings import get_settings
 from ml.inference.engine import Engine
 from ml.runtime import configure_threads
@@ -37,7 +40,15 @@ M = TypeVar("M", bound=BaseModel)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_app(engine: Engine | None = None) -> FastAPI:
+def require_internal_token(request: Request) -> None:
+    expected = request.app.state.internal_token
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not expected or scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), expected.encode()):
+        raise AuthenticationError("Internal calls need 'Authorization: Bearer <TUNEHOUSE_INTERNAL_TOKEN>'.",
+                                  code="invalid_internal_token")
+
+
+def create_app(engine: Engine | None = None, internal_token: str | None = None) -> FastAPI:
     settings = get_settings()
     configure_logging(settings)
     configure_threads(settings.torch_threads)
@@ -49,6 +60,7 @@ def create_app(engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="tunehouse inference worker", lifespan=lifespan)
     app.state.inference = LocalInference(engine or make_engine(settings), settings.inference_timeout_seconds)
+    app.state.internal_token = settings.internal_token if internal_token is None else internal_token
     install_error_handlers(app)
     _routes(app)
     return app
@@ -65,6 +77,10 @@ def _svc(request: Request) -> LocalInference:
     return request.app.state.inference  # type: ignore[no-any-return]
 
 
+def _json(result: BaseModel) -> Response:
+    return Response(result.model_dump_json(), media_type="application/json")
+
+
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
 
@@ -74,29 +90,36 @@ def _routes(app: FastAPI) -> None:
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(f"{INTERNAL_PREFIX}/stats")
+    internal = APIRouter(prefix=INTERNAL_PREFIX, dependencies=[Depends(require_internal_token)])
+    _internal_routes(internal)
+    app.include_router(internal)
+
+
+def _internal_routes(router: APIRouter) -> None:
+    @router.get("/stats")
     def stats(request: Request) -> dict[str, Any]:
         return _svc(request).engine.stats()
 
-    @app.post(f"{INTERNAL_PREFIX}/chat/completions", response_model=None)
+    @router.post("/chat/completions", response_model=None)
     async def chat(body: ForwardRequest, request: Request) -> ChatCompletion | StreamingResponse:
         req = _parse(ChatCompletionRequest, body.request)
         if req.stream:
             return _sse(await _svc(request).open_chat_stream(body.ref, req))
         return await _svc(request).chat(body.ref, req)
 
-    @app.post(f"{INTERNAL_PREFIX}/completions", response_model=None)
+    @router.post("/completions", response_model=None)
     async def completions(body: ForwardRequest, request: Request) -> Completion | StreamingResponse:
         req = _parse(CompletionRequest, body.request)
         if req.stream:
             return _sse(await _svc(request).open_completion_stream(body.ref, req))
         return await _svc(request).completion(body.ref, req)
 
-    @app.post(f"{INTERNAL_PREFIX}/predictions")
-    async def predictions(body: ForwardRequest, request: Request) -> PredictionList:
-        return await _svc(request).predictions(body.ref, _parse(PredictionRequest, body.request))
+    @router.post("/predictions", response_model=PredictionList)
+    async def predictions(body: ForwardRequest, request: Request) -> Response:
+        result = await _svc(request).predictions(body.ref, _parse(PredictionRequest, body.request))
+        return _json(result)  # one serialization pass (FastAPI's would validate it again first)
 
-    @app.post(f"{INTERNAL_PREFIX}/evict")
+    @router.post("/evict")
     async def evict(body: EvictRequest, request: Request) -> dict[str, str]:
         await _svc(request).evict(body.storage_key)
         return {"status": "ok"}
@@ -109,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     args = parser.parse_args(argv)
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=None)
+    if not get_settings().internal_token:
+        parser.error("TUNEHOUSE_INTERNAL_TOKEN is not set: the API and this worker need the same shared secret")
+    uvicorn.run(create_app(), host=args.host, port=args.port, log_config=log_config(get_settings()))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import uuid
 
-from app.jobs import exports, runner
+from celery.signals import worker_ready
+
+from app.jobs import cleanup, exports, runner
 from app.kit.broker import RUN_JOB_TASK, get_celery
 from app.webhooks.service import TASK_NAME as WEBHOOK_TASK
 from app.webhooks.service import Delivery, deliver, send_delivery
@@ -21,8 +24,16 @@ def worker_id() -> str:
 
 
 @celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
-def run_job(job_id: str) -> str:
-    return runner.run_job(job_id, worker_id())
+def run_job(job_id: str | None = None) -> str:
+    """A claim token: runs the next job in fair order; `job_id` (who sent it) is only for logs."""
+    return runner.run_next(worker_id())
+
+
+@worker_ready.connect
+def _clean_leftovers(**_: object) -> None:
+    """Scratch and orphaned bytes a killed worker left behind (app.jobs.cleanup), swept beside the
+    worker: a long listing of object storage never delays its first job."""
+    threading.Thread(target=cleanup.run_safely, name="cleanup", daemon=True).start()
 
 
 @celery.task(name=WEBHOOK_TASK, acks_late=True)

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from app.kit import ids
 from app.kit.db import utcnow
+from app.kit.hotcache import bump_after_commit
 from app.orm import ApiKey, Project
 
 KEY_PREFIX = "th-"
@@ -56,4 +57,5 @@ def revoke_key(session: Session, prefix_or_id: str) -> int:
     for row in rows:
         row.revoked_at = utcnow()
     session.flush()
+    bump_after_commit(session)  # cached keys: the next request anywhere reads the key again
     return len(rows)

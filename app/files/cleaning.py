@@ -15,6 +15,7 @@ from app.kit.errors import InvalidRequest, NotFound
 from app.kit.storage import Storage, staged_file
 from app.orm import File
 from app.settings import get_settings
+from app.tenancy.service import check_storage_quota
 from ml.data.cleaning import Cleaner, CleaningOptions, CleaningReport
 from ml.data.formats import iter_records, validate_file
 
@@ -85,5 +86,6 @@ def _store_cleaned(session: Session, src: File, tmp: Path, report: CleaningRepor
         raise InvalidFileFormat(checked)
     stats = {**checked.stats(), "cleaning": {**report.as_dict(), "options": options.model_dump()},
              "source_file": src.id}
+    check_storage_quota(session, src.project_id, tmp.stat().st_size)  # a cleaned copy is stored too
     return store_file(session, storage, tmp, project_id=src.project_id, purpose="fine-tune",
                       filename=_cleaned_name(src.filename), report=checked, sha256=_sha256(tmp), stats=stats)

@@ -9,16 +9,15 @@ from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
-from app.auth.deps import CurrentProject
+from app.auth.deps import CurrentProject, DetachedProject
 from app.files import cleaning, service
 from app.files.schemas import FileDeleted, FileObject
 from app.files.upload import receive_upload
-from app.kit.deps import DB
+from app.kit.deps import DB, run_db
 from app.kit.pagination import ListPage
 from app.kit.storage import get_storage, staged_file
-from app.settings import get_settings
+from app.tenancy.service import file_size_limit
 
 router = APIRouter(tags=["files"])
 
@@ -26,17 +25,28 @@ CHUNK = 1 << 20
 MEDIA_TYPES = {"jsonl": "application/jsonl", "csv": "text/csv"}
 
 
-@router.post("/files")
-async def create_file(request: Request, db: DB, project: CurrentProject) -> FileObject:
+# The body is streamed by hand (receive_upload), so FastAPI cannot infer it: documented here for
+# Swagger's upload form and generated clients.
+UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
+                 "description": "The dataset: JSONL (one object per line) or CSV with a header."},
+        "purpose": {"type": "string", "enum": sorted(service.UPLOAD_PURPOSES),
+                    "description": "What the file is for; uploads accept `fine-tune` only."},
+    },
+}}}}
+
+
+@router.post("/files", openapi_extra={"requestBody": UPLOAD_BODY})
+async def create_file(request: Request, project: DetachedProject) -> FileObject:
     """Upload (multipart: `file`, `purpose=fine-tune`), streamed to disk and validated line by line."""
-    project_id = project.id
-    # Release the pooled connection while a possibly slow body streams in.
-    await run_in_threadpool(db.rollback)
+    # No session is held while a possibly slow body streams in: the row is written in one of its own.
+    project_id, max_bytes = project.id, file_size_limit(project)
     storage = get_storage()
     with staged_file(storage, suffix=".upload") as tmp:
-        upload = await receive_upload(request, tmp, get_settings().max_upload_bytes,
-                                      service.check_form_field)
-        row = await run_in_threadpool(service.create_file, db, project_id, upload, storage)
+        upload = await receive_upload(request, tmp, max_bytes, service.check_form_field)
+        row = await run_db(request, service.create_file, project_id, upload, storage)
     return FileObject.of(row)
 
 

@@ -10,18 +10,21 @@ from app.orm import File
 
 
 class FileObject(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    bytes: int
-    created_at: int
-    filename: str
-    purpose: str
-    status: str
-    status_details: str | None = None
-    expires_at: int | None = None
-    format: str | None = None
-    rows: int = 0
-    stats: dict[str, Any] = Field(default_factory=dict)
+    id: str = Field(description="The file id (`file-...`), used as `training_file` / `validation_file`.")
+    object: Literal["file"] = Field("file", description="Always `file`.")
+    bytes: int = Field(description="Size of the stored file in bytes.")
+    created_at: int = Field(description="Upload time (Unix seconds).")
+    filename: str = Field(description="The name the file was uploaded with.")
+    purpose: str = Field(description="`fine-tune` for uploads; `fine-tune-results` for files a job wrote.")
+    status: str = Field(description="`processed` once stored and validated (uploads are validated before they answer).")
+    status_details: str | None = Field(None, description="Why the file is not usable, if it is not.")
+    expires_at: int | None = Field(None, description="Always null: files do not expire.")
+    format: str | None = Field(
+        None, description="Detected dataset format: chat, prompt_completion, text, classification, regression...")
+    rows: int = Field(0, description="Number of examples (lines, or CSV rows) in the file.")
+    stats: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extension: validation statistics (kind, labels, lengths; `cleaning` on cleaned copies).")
 
     @classmethod
     def of(cls, row: File) -> FileObject:
@@ -33,6 +36,6 @@ class FileObject(BaseModel):
 
 
 class FileDeleted(BaseModel):
-    id: str
-    object: Literal["file"] = "file"
-    deleted: bool = True
+    id: str = Field(description="The deleted file's id.")
+    object: Literal["file"] = Field("file", description="Always `file`.")
+    deleted: bool = Field(True, description="Always true.")

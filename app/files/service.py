@@ -20,6 +20,7 @@ from app.kit.pagination import paginate
 from app.kit.storage import Storage
 from app.orm import File, Job
 from app.settings import get_settings
+from app.tenancy.service import check_storage_quota
 from ml.data.formats import Report, kind_from_name, sniff_kind, validate_file
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def create_file(session: Session, project_id: str, upload: Upload, storage: Stor
     """Validate the staged upload, move it into place and record it (status processed)."""
     purpose = check_purpose(upload.fields.get("purpose"))
     report = validate_upload(upload)
+    check_storage_quota(session, project_id, upload.size)
     return store_file(session, storage, upload.path, project_id=project_id, purpose=purpose,
                       filename=upload.filename or "upload", report=report, sha256=upload.sha256)
 

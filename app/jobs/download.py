@@ -178,7 +178,7 @@ def _export_info(directory: Path, source: Source, fmt: ExportFormat) -> bytes:
     info = _read_json(directory / INFO_FILE)
     info["export"] = {"format": fmt, "job_id": source.job_id, "checkpoint": source.label,
                       "fine_tuned_model": source.fine_tuned_model, "base_model": info.get("base_model"),
-                      "merged": fmt != "adapter" and info.get("training_type") == "lora"}
+                      "merged": fmt != "adapter" and info.get("training_type") in ("lora", "qlora")}
     return json.dumps(info, indent=2).encode()
 
 

@@ -35,7 +35,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -80,35 +80,40 @@ _local = threading.local()  # per thread: {model id: tokenizer}
 class MemoryOut(BaseModel):
     """Predicted peak memory of one training device (`ml.memory`)."""
 
-    weights_bytes: int
-    gradients_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    peak_bytes: int
-    device_bytes: int | None  # settings.worker_device_memory_bytes
-    fits: bool | None  # peak within 90% of device_bytes; None when that is unknown
-    gradient_checkpointing: bool  # as this estimate assumes ("auto" resolved)
+    weights_bytes: int = Field(description="Model weights on the device.")
+    gradients_bytes: int = Field(description="Gradients of the trainable weights.")
+    optimizer_bytes: int = Field(description="Optimizer state (AdamW: two fp32 moments per trainable weight).")
+    activations_bytes: int = Field(description="Activations of the job's largest batch.")
+    peak_bytes: int = Field(description="Predicted peak: the sum of the above.")
+    device_bytes: int | None = Field(
+        description="A worker device's memory (TUNEHOUSE_WORKER_DEVICE_MEMORY_BYTES); null when unknown.")
+    fits: bool | None = Field(description="Peak within 90% of device_bytes; null when that is unknown.")
+    gradient_checkpointing: bool = Field(
+        description="Whether this estimate assumes gradient checkpointing (`auto` resolved).")
 
 
 class EstimateOut(BaseModel):
-    object: Literal["fine_tuning.estimate"] = "fine_tuning.estimate"
-    model: str
-    task: str
-    training_type: str
-    train_tokens: int  # one pass over the training file, as the trainer counts tokens
-    validation_tokens: int
-    examples: int  # training examples after tokenization (text windows, skipped rows)
-    validation_examples: int
-    n_epochs: int
-    batch_size: int
-    steps: int
-    trained_tokens: int  # train_tokens x n_epochs: the job's `trained_tokens` when it succeeds
-    tokens_per_second: float
-    estimated_seconds: float
-    basis: Literal["measured", "default"]
-    sampled: bool  # counts scaled up from a sample of rows
-    packed_rows: int | None = None  # packing: rows the examples fill (steps count these)
-    memory: MemoryOut | None = None  # None when the base model's config cannot be read
+    object: Literal["fine_tuning.estimate"] = Field(
+        "fine_tuning.estimate", description="Always `fine_tuning.estimate`.")
+    model: str = Field(description="The base model.")
+    task: str = Field(description="The training task.")
+    training_type: str = Field(description="The training type.")
+    train_tokens: int = Field(description="Tokens of one pass over the training file, as the trainer counts them.")
+    validation_tokens: int = Field(description="Tokens of the validation file.")
+    examples: int = Field(description="Training examples after tokenization (text windows, skipped rows).")
+    validation_examples: int = Field(description="Validation examples after tokenization.")
+    n_epochs: int = Field(description="Epochs the job would run (`auto` resolved).")
+    batch_size: int = Field(description="Batch size the job would use (`auto` resolved).")
+    steps: int = Field(description="Optimizer steps of the whole job.")
+    trained_tokens: int = Field(description="train_tokens x n_epochs: the job's `trained_tokens` when it succeeds.")
+    tokens_per_second: float = Field(description="Training throughput the estimate assumes.")
+    estimated_seconds: float = Field(description="Predicted training time.")
+    basis: Literal["measured", "default"] = Field(
+        description="`measured`: throughput from this model's past jobs; `default`: a built-in guess.")
+    sampled: bool = Field(description="Whether counts were scaled up from a sample of rows.")
+    packed_rows: int | None = Field(None, description="With packing: the rows the examples fill (steps count these).")
+    memory: MemoryOut | None = Field(
+        None, description="Predicted peak memory of one device; null when the base model's config cannot be read.")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Claiming jobs and holding them: a conditional update claims, a lease renewed by a heartbeat
-thread holds. Exactly-once in effect: a duplicate delivery finds nothing to claim."""
+thread holds. Exactly-once in effect: a duplicate delivery finds nothing to claim (or, as a
+claim token, the next job, whose own token is then the surplus one)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ import logging
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal
 
 from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.orm import Session
 
+from app.jobs.queue import Head, claim_order, running_limit
 from app.jobs.state import CLAIMABLE, JobStatus, transition
 from app.kit.db import session_scope, utcnow
-from app.orm import Job
+from app.orm import Job, Project
 from app.settings import get_settings
 from ml.config import Interrupt
 
@@ -33,19 +37,59 @@ def _claimable_now(now: datetime) -> list[ColumnElement[bool]]:
     return [Job.attempt < Job.max_attempts, or_(Job.status != JobStatus.running, expired)]
 
 
-def claim(job_id: str, worker_id: str) -> Claim | None:
-    """Take the job if it is queued, or running with an expired lease (its worker died)."""
+def _take(s: Session, job_id: str, worker_id: str, from_: set[JobStatus]) -> int | None:
+    """The claiming update; the attempt it starts, or None when the job was not there to take."""
     now = utcnow()
     lease = timedelta(seconds=get_settings().lease_seconds)
+    if not transition(s, job_id, to=JobStatus.running, from_=from_, where=_claimable_now(now),
+                      lease_owner=worker_id, lease_expires_at=now + lease, heartbeat_at=now,
+                      attempt=Job.attempt + 1, pause_requested=False, started_at=func.coalesce(Job.started_at, now)):
+        return None
+    return s.scalar(select(Job.attempt).where(Job.id == job_id))  # our update holds the row lock
+
+
+def claim(job_id: str, worker_id: str) -> Claim | None:
+    """Take this job if it is queued, or running with an expired lease (its worker died)."""
     with session_scope() as s:
-        if not transition(s, job_id, to=JobStatus.running, from_=CLAIMABLE | {JobStatus.running},
-                          where=_claimable_now(now), lease_owner=worker_id, lease_expires_at=now + lease,
-                          heartbeat_at=now, attempt=Job.attempt + 1, pause_requested=False,
-                          started_at=func.coalesce(Job.started_at, now)):
-            return None
-        attempt = s.scalar(select(Job.attempt).where(Job.id == job_id))  # our update holds the row lock
-    assert attempt is not None
-    return Claim(job_id, worker_id, attempt)
+        attempt = _take(s, job_id, worker_id, set(CLAIMABLE | {JobStatus.running}))
+    return None if attempt is None else Claim(job_id, worker_id, attempt)
+
+
+def claim_next(worker_id: str, rounds: int = 8) -> Claim | None:
+    """What a `run_job` token does: take the next queued job in fair order (`queue.claim_order`)
+    whose project is under its running limit. Losing a head to another worker re-reads the order."""
+    for _ in range(rounds):
+        with session_scope() as s:
+            heads = claim_order(s)
+        raced = False
+        for head in heads:
+            got = _claim_head(head, worker_id)
+            if isinstance(got, Claim):
+                return got
+            if got == "raced":
+                raced = True
+                break
+        if not raced:
+            return None  # nothing queued, or every project with queued jobs is at its limit
+    return None
+
+
+def _claim_head(head: Head, worker_id: str) -> Claim | Literal["full", "raced"]:
+    with session_scope() as s:
+        limit = running_limit(head.project_id, s)
+        if limit is not None and not _slot_free(s, head.project_id, limit):
+            return "full"
+        attempt = _take(s, head.job_id, worker_id, {JobStatus.queued})
+    return "raced" if attempt is None else Claim(head.job_id, worker_id, attempt)
+
+
+def _slot_free(s: Session, project_id: str, limit: int) -> bool:
+    """Claims of one project queue up on its row lock, so two workers never both take its last free
+    slot (Postgres; SQLite ignores the lock, but embedded mode runs a single training worker)."""
+    s.execute(select(Project.id).where(Project.id == project_id).with_for_update())
+    running = s.scalar(select(func.count()).select_from(Job).where(
+        Job.project_id == project_id, Job.status == JobStatus.running))
+    return int(running or 0) < limit
 
 
 class Heartbeat:

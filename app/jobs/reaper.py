@@ -1,21 +1,24 @@
 """The reaper: re-queues jobs whose worker died (lease expired) so they resume from their last
-checkpoint, fails them after `max_attempts`, and re-sends queued jobs whose broker message was
-lost (e.g. a Redis restart). Safe to run anywhere, any number of times: updates are conditional."""
+checkpoint, fails them after `max_attempts`, and replaces lost claim tokens (a Redis restart, an
+embedded worker killed holding one) by topping the training queue up to one token per claimable
+job; it never adds to a queue that already holds enough, however long jobs wait. Its thread also
+sweeps leftovers (app.jobs.cleanup). Safe to run anywhere, any number of times: updates are
+conditional and a surplus token is harmless."""
 
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
-from functools import partial
+import time
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.jobs import cleanup
 from app.jobs.events import add_event
-from app.jobs.queue import send_run_job
+from app.jobs.queue import top_up
 from app.jobs.state import JobStatus, transition
-from app.kit.db import after_commit, session_scope, utcnow
+from app.kit.db import session_scope, utcnow
 from app.orm import Job
 from app.settings import get_settings
 from app.webhooks.service import notify_terminal
@@ -40,10 +43,10 @@ def _expired(s: Session, job: Job) -> None:
             add_event(s, job.id, msg, level="error")
             notify_terminal(s, job.id)
         return
+    # It keeps its place in the queue (ordered by creation); the pass's top-up sends its token.
     if transition(s, job.id, to=JobStatus.queued, from_=running, owner=owner, where=cond, enqueued_at=now):
         add_event(s, job.id, f"Worker lost on attempt {job.attempt} (lease expired); re-queued to resume "
                              "from the last checkpoint", level="warn")
-        after_commit(s, partial(send_run_job, job.id))
 
 
 def _pause_for_lost_worker(s: Session, job: Job) -> None:
@@ -58,22 +61,15 @@ def _pause_for_lost_worker(s: Session, job: Job) -> None:
 
 
 def reap_once() -> dict[str, int]:
-    settings = get_settings()
     now = utcnow()
-    stale = now - timedelta(seconds=max(settings.reaper_interval_seconds * 2, 30))
     with session_scope() as s:
         expired = list(s.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)))
         for job in expired:
             _expired(s, job)
-        # Queued but never claimed for a while: the message may be gone. Duplicates are no-ops.
-        lost = list(s.scalars(select(Job).where(Job.status == JobStatus.queued, Job.enqueued_at < stale)))
-        for job in lost:
-            if transition(s, job.id, to=None, from_={JobStatus.queued}, where=(Job.enqueued_at < stale,),
-                          enqueued_at=now):
-                after_commit(s, partial(send_run_job, job.id))
-    if expired or lost:
-        log.info("reaper: %d expired, %d re-sent", len(expired), len(lost))
-    return {"expired": len(expired), "resent": len(lost)}
+    resent = top_up()  # after the commit: re-queued jobs count
+    if expired or resent:
+        log.info("reaper: %d expired, %d claim tokens re-sent", len(expired), resent)
+    return {"expired": len(expired), "resent": resent}
 
 
 class ReaperThread(threading.Thread):
@@ -85,8 +81,13 @@ class ReaperThread(threading.Thread):
         self.stop_event = threading.Event()
 
     def run(self) -> None:
+        cleanup.run_safely()  # start-up: what a killed process left behind
+        last_cleanup = time.monotonic()
         while not self.stop_event.wait(self.interval):
             try:
                 reap_once()
             except Exception:
                 log.exception("reaper pass failed")
+            if time.monotonic() - last_cleanup >= get_settings().cleanup_interval_seconds:
+                cleanup.run_safely()
+                last_cleanup = time.monotonic()

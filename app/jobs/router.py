@@ -7,14 +7,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from app.auth.deps import CurrentProject
 from app.jobs import download, exports, service
 from app.jobs.estimate import EstimateOut
 from app.jobs.schemas import CheckpointOut, EventOut, ExportOut, JobCreate, JobOut
-from app.kit.db import get_sessionmaker
-from app.kit.deps import DB
+from app.kit.deps import DB, run_db
 from app.kit.errors import InvalidRequest
 from app.kit.pagination import ListPage, page
 from app.kit.storage import get_storage
@@ -77,9 +76,8 @@ def list_events(request: Request, job_id: str, db: DB, project: CurrentProject, 
                 last_event_id: Annotated[str | None, Header()] = None) -> Any:
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         service.get_job(db, project, job_id)
-        factory = getattr(request.app.state, "sessionmaker", None) or get_sessionmaker()
         start = _parse_seq(last_event_id)
-        return StreamingResponse(_sse(request, factory, job_id, start), media_type="text/event-stream",
+        return StreamingResponse(_sse(request, job_id, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     rows, has_more = service.list_events(db, project, job_id, after, limit)
     return page([service.event_out(e) for e in rows], has_more)
@@ -95,19 +93,26 @@ def _parse_seq(value: str | None) -> int:
                              param="Last-Event-ID") from None
 
 
-async def _sse(request: Request, factory: sessionmaker[Session], job_id: str,
-               seq: int) -> AsyncIterator[bytes]:
-    """Events oldest first, live, until the job is finished; `id:` is the resume cursor."""
+def _poll(session: Session, job_id: str, seq: int) -> tuple[list[tuple[int, bytes]], str]:
+    """The job's events after `seq` as SSE frames, and its status."""
     from app.orm import Job
 
+    events = service.events_since(session, job_id, seq)
+    frames = [(e.seq, f"id: {e.seq}\nevent: {e.type}\ndata: {service.event_out(e).model_dump_json()}\n\n")
+              for e in events]
+    return [(n, frame.encode()) for n, frame in frames], session.get_one(Job, job_id).status
+
+
+async def _sse(request: Request, job_id: str, seq: int) -> AsyncIterator[bytes]:
+    """Events oldest first, live, until the job is finished; `id:` is the resume cursor. Each poll is
+    one short session in a worker thread (under a DB slot): a follower never blocks the event loop
+    and holds no connection between polls."""
     idle = 0.0
     while not await request.is_disconnected():
-        with factory() as session:
-            events = service.events_since(session, job_id, seq)
-            status = session.get(Job, job_id).status  # type: ignore[union-attr]
-        for e in events:
-            seq = e.seq
-            yield f"id: {e.seq}\nevent: {e.type}\ndata: {service.event_out(e).model_dump_json()}\n\n".encode()
+        events, status = await run_db(request, _poll, job_id, seq)
+        for n, chunk in events:
+            seq = n  # the resume cursor
+            yield chunk
         if not events and status in service.TERMINAL:
             yield f"event: end\ndata: {json.dumps({'status': status})}\n\n".encode()
             return

@@ -10,53 +10,57 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
 from app.files.status import FileStatus
-from app.jobs.events import add_event
-from app.jobs.lease import Claim, Heartbeat, claim
+from app.jobs.events import add_event, job_metric_curve
+from app.jobs.lease import Claim, Heartbeat, claim, claim_next
+from app.jobs.queue import top_up
 from app.jobs.service import fine_tuned_model_name
 from app.jobs.state import JobStatus, transition
 from app.kit import ids
 from app.kit.db import after_commit, session_scope, utcnow
+from app.kit.dbretry import is_transient, write_with_retry
+from app.kit.logging import log_context
 from app.kit.storage import Storage, get_storage, staged_file
 from app.models_registry import repository
 from app.models_registry.catalog import local_base
 from app.orm import Checkpoint, File, FineTunedModel, Job, Project
 from app.settings import get_settings
+from app.tenancy.service import add_usage, metered_attempt
 from app.webhooks.service import notify_terminal
 from ml.checkpoint import CheckpointInfo, has_training_state
 from ml.config import EventLevel, Interrupt, RecipeConfig, TrainOutcome
 from ml.errors import InputError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class JobHooks:
-    """The runner's side of the recipe contract: events, progress and checkpoints in the DB."""
+    """The runner's side of the recipe contract: events, progress and checkpoints in the DB. Each write
+    rides out a short database outage (retried in a new session) for as long as the lease can outlive
+    one, so a blip costs a pause in training, not an attempt."""
 
     def __init__(self, claim: Claim, hb: Heartbeat, job: Job, ft_name: str, storage: Storage) -> None:
         self.claim, self.hb, self.storage = claim, hb, storage
         self.job_id, self.project_id, self.ft_name = job.id, job.project_id, ft_name
-        self.metric_rows: list[dict[str, Any]] = []
         self._last_progress = 0.0
         self._started = time.monotonic()
 
     def message(self, text: str, level: EventLevel = "info", data: dict[str, Any] | None = None) -> None:
-        with session_scope() as s:
-            add_event(s, self.job_id, text, level=level, data=data)
+        _write(lambda s: add_event(s, self.job_id, text, level=level, data=data), "a job event")
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        row = {"step": step, **{k: float(v) for k, v in values.items()}}
-        self.metric_rows.append(row)
+        row = {"step": step, **{k: float(v) for k, v in values.items()}, "attempt": self.claim.attempt}
         shown = ", ".join(f"{k}={v:.4g}" for k, v in values.items() if k != "epoch")
-        with session_scope() as s:
-            add_event(s, self.job_id, f"Step {step}: {shown}", type="metrics", data=row)
+        _write(lambda s: add_event(s, self.job_id, f"Step {step}: {shown}", type="metrics", data=row), "metrics")
 
     def progress(self, step: int, total_steps: int, epoch: float, trained_tokens: int) -> None:
         now = time.monotonic()
@@ -72,8 +76,7 @@ class JobHooks:
         }
         if eta is not None:
             values["estimated_finish"] = utcnow() + timedelta(seconds=eta)
-        with session_scope() as s:
-            _settle(s, self.claim, None, **values)
+        _write(lambda s: _settle(s, self.claim, None, **values), "progress")
 
     def interrupted(self) -> Interrupt | None:
         return self.hb.interrupt
@@ -81,21 +84,31 @@ class JobHooks:
     def checkpoint(self, local_dir: Path, info: CheckpointInfo) -> None:
         key = f"jobs/{self.job_id}/checkpoints/step-{info.step:08d}"
         self.storage.put_dir(key, local_dir)
-        with session_scope() as s:
-            if not _settle(s, self.claim, None, heartbeat_at=utcnow()):  # locks the row until commit
-                return
-            row = repository.checkpoint_at(s, self.job_id, info.step)
-            if row is None:
-                row = Checkpoint(id=ids.checkpoint_id(), job_id=self.job_id, project_id=self.project_id,
-                                 step=info.step, storage_key=key,
-                                 fine_tuned_model_checkpoint=repository.checkpoint_name(self.ft_name, info.step))
-                s.add(row)
-            row.epoch, row.metrics = info.epoch, dict(info.metrics)
-            s.flush()
-            _mark_best(s, self.job_id)
-            add_event(s, self.job_id, f"Checkpoint saved at step {info.step} (epoch {info.epoch:.2f})",
-                      data={"checkpoint": row.id, "step": info.step, "metrics": info.metrics})
-            prune_checkpoints(s, self.storage, self.job_id, get_settings().keep_checkpoints)
+        _write(partial(self._register_checkpoint, key, info), "checkpoint registration")
+
+    def _register_checkpoint(self, key: str, info: CheckpointInfo, s: Session) -> None:
+        if not _settle(s, self.claim, None, heartbeat_at=utcnow()):  # locks the row until commit
+            return
+        row = repository.checkpoint_at(s, self.job_id, info.step)
+        if row is None:
+            row = Checkpoint(id=ids.checkpoint_id(), job_id=self.job_id, project_id=self.project_id,
+                             step=info.step, storage_key=key,
+                             fine_tuned_model_checkpoint=repository.checkpoint_name(self.ft_name, info.step))
+            s.add(row)
+        row.epoch, row.metrics = info.epoch, dict(info.metrics)
+        s.flush()
+        _mark_best(s, self.job_id)
+        add_event(s, self.job_id, f"Checkpoint saved at step {info.step} (epoch {info.epoch:.2f})",
+                  data={"checkpoint": row.id, "step": info.step, "metrics": info.metrics})
+        prune_checkpoints(s, self.storage, self.job_id, get_settings().keep_checkpoints)
+
+
+def _write(fn: Callable[[Session], T], what: str) -> T:
+    """A worker's write, retried through a database blip while the lease still holds: the heartbeat
+    renews it every `heartbeat_seconds`, so one that failed once has `lease - heartbeat` left."""
+    settings = get_settings()
+    budget = max(1.0, settings.lease_seconds - settings.heartbeat_seconds)
+    return write_with_retry(fn, budget_s=budget, what=what)
 
 
 def prune_checkpoints(s: Session, storage: Storage, job_id: str, keep: int) -> list[str]:
@@ -124,19 +137,43 @@ def _mark_best(s: Any, job_id: str) -> None:
 
 # --- the job --------------------------------------------------------------------------------
 
+def run_next(worker_id: str) -> str:
+    """Entry point of the Celery task (a claim token): run the next job in fair order. Returns what
+    happened (for logs and tests)."""
+    got = claim_next(worker_id)
+    if got is None:
+        log.info("nothing to claim (surplus token, or every queued project is at its running limit)")
+        return "skipped"
+    try:
+        return _run(got)
+    finally:
+        _top_up()  # this job's slot is free: a job of its project held back by the limit may go now
+
+
 def run_job(job_id: str, worker_id: str) -> str:
-    """Entry point of the Celery task. Returns what happened (for logs and tests)."""
+    """Run this job (tests, benchmarks, operator tools). Returns what happened."""
     got = claim(job_id, worker_id)
     if got is None:
         log.info("nothing to claim (duplicate delivery or finished job)", extra={"job_id": job_id})
         return "skipped"
-    with Heartbeat(got) as hb:
+    return _run(got)
+
+
+def _run(got: Claim) -> str:
+    with log_context(job_id=got.job_id, attempt=got.attempt), Heartbeat(got) as hb, metered_attempt(got.job_id):
         try:
             return _execute(got, hb)
         except Exception as exc:
-            log.exception("job failed", extra={"job_id": job_id})
+            log.exception("job failed", extra={"job_id": got.job_id})
             _fail(got, exc)
             return JobStatus.failed
+
+
+def _top_up() -> None:
+    try:
+        top_up()
+    except Exception:  # the reaper tops up too
+        log.exception("could not top up the training queue")
 
 
 def _load(job_id: str) -> tuple[Job, RecipeConfig, str, Checkpoint | None]:
@@ -224,7 +261,9 @@ def _result_csv(rows: list[dict[str, Any]]) -> bytes:
     return buf.getvalue().encode()
 
 
-def _store_result_file(s: Any, storage: Storage, job: Job, rows: list[dict[str, Any]]) -> str:
+def _store_result_file(s: Session, storage: Storage, job: Job) -> str:
+    """The step metrics of every attempt, one row per step (`app.jobs.events.metric_curve`)."""
+    rows = job_metric_curve(s, job.id)
     file_id = ids.file_id()
     key = f"files/{job.project_id}/{file_id}.csv"
     data = _result_csv(rows)
@@ -242,34 +281,39 @@ def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: C
     # One key per attempt: a worker that lost the job never overwrites the weights the winner registered.
     key = f"jobs/{got.job_id}/final-{got.attempt}"
     storage.put_dir(key, final)
-    with session_scope() as s:
-        # Settle first: the rest (model, result file, events, webhook) is written only if this hit.
-        if not _settle(s, got, JobStatus.succeeded, fine_tuned_model=ft_name,
-                       trained_tokens=outcome.trained_tokens):
-            after_commit(s, partial(storage.delete, key))
-            return "lease_lost"
-        job = s.get(Job, got.job_id)
-        assert job is not None
-        _late_pause(s, job)
-        best = repository.best_checkpoint(s, job.id)
-        base = job.config.get("base_model", job.model)
-        s.add(FineTunedModel(id=ft_name, project_id=job.project_id, job_id=job.id, base_model=base, task=job.task,
-                             training_type=info.training_type.value, storage_key=key,
-                             checkpoint_id=best.id if best else None,
-                             info={"label_names": info.label_names, "metrics": outcome.final_metrics,
-                                   "best_checkpoint": best.id if best else None}))
-        job.result_files = [_store_result_file(s, storage, job, hooks.metric_rows)]
-        job.progress = {**(job.progress or {}), "step": outcome.step, "eta_seconds": 0}
-        if outcome.stopped_early:
-            add_event(s, job.id, f"Early stopping at step {outcome.step}: validation loss stopped improving")
-        if evaluation is not None:
-            from ml.evaluation import summary
+    record = partial(_record_success, got, storage, key, info, outcome, ft_name, evaluation)
+    return _write(record, "the job's success")  # one transaction: a retry starts it over
 
-            job.evaluation = evaluation
-            add_event(s, job.id, summary(evaluation), data={"evaluation": evaluation})
-        add_event(s, job.id, f"New fine-tuned model created: {ft_name}")
-        add_event(s, job.id, "The job has successfully completed")
-        notify_terminal(s, job.id)
+
+def _record_success(got: Claim, storage: Storage, key: str, info: CheckpointInfo, outcome: TrainOutcome,
+                    ft_name: str, evaluation: dict[str, Any] | None, s: Session) -> str:
+    # Settle first: the rest (model, result file, events, webhook) is written only if this hit.
+    if not _settle(s, got, JobStatus.succeeded, fine_tuned_model=ft_name, trained_tokens=outcome.trained_tokens):
+        after_commit(s, partial(storage.delete, key))
+        return "lease_lost"
+    job = s.get(Job, got.job_id)
+    assert job is not None
+    _late_pause(s, job)
+    add_usage(s, job.project_id, trained_tokens=outcome.trained_tokens)
+    best = repository.best_checkpoint(s, job.id)
+    base = job.config.get("base_model", job.model)
+    s.add(FineTunedModel(id=ft_name, project_id=job.project_id, job_id=job.id, base_model=base, task=job.task,
+                         training_type=info.training_type.value, storage_key=key,
+                         checkpoint_id=best.id if best else None,
+                         info={"label_names": info.label_names, "metrics": outcome.final_metrics,
+                               "best_checkpoint": best.id if best else None}))
+    job.result_files = [_store_result_file(s, storage, job)]
+    job.progress = {**(job.progress or {}), "step": outcome.step, "eta_seconds": 0}
+    if outcome.stopped_early:
+        add_event(s, job.id, f"Early stopping at step {outcome.step}: validation loss stopped improving")
+    if evaluation is not None:
+        from ml.evaluation import summary
+
+        job.evaluation = evaluation
+        add_event(s, job.id, summary(evaluation), data={"evaluation": evaluation})
+    add_event(s, job.id, f"New fine-tuned model created: {ft_name}")
+    add_event(s, job.id, "The job has successfully completed")
+    notify_terminal(s, job.id)
     return JobStatus.succeeded
 
 
@@ -282,12 +326,20 @@ def _late_pause(s: Session, job: Job) -> None:
 
 
 def _fail(got: Claim, exc: Exception) -> None:
+    if is_transient(exc):
+        # The database stayed away longer than the lease's slack: not the job's fault. Its lease runs
+        # out and the reaper re-queues it (an attempt spent), resuming from its last checkpoint.
+        log.warning("database unavailable; leaving the job to the reaper", extra={"job_id": got.job_id})
+        return
     # Only the library's own input errors are the user's to fix; anything else (torch, peft, a bug) is ours.
     user_error = isinstance(exc, InputError)
     code = exc.code if isinstance(exc, InputError) else "internal_error"
     message = str(exc) if user_error else f"Training failed: {type(exc).__name__}: {exc}"
-    with session_scope() as s:
-        if not _settle(s, got, JobStatus.failed, error={"code": code, "message": message[:2000], "param": None}):
-            return
-        add_event(s, got.job_id, f"Job failed: {message[:2000]}", level="error")
-        notify_terminal(s, got.job_id)
+    _write(partial(_record_failure, got, code, message[:2000]), "the job's failure")
+
+
+def _record_failure(got: Claim, code: str, message: str, s: Session) -> None:
+    if not _settle(s, got, JobStatus.failed, error={"code": code, "message": message, "param": None}):
+        return
+    add_event(s, got.job_id, f"Job failed: {message}", level="error")
+    notify_terminal(s, got.job_id)

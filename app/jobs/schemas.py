@@ -12,14 +12,17 @@ from ml.data.cleaning import CleaningIn
 
 Auto = Literal["auto"]
 SUFFIX_PATTERN = r"^[A-Za-z0-9_-]{1,40}$"
+MAX_EVERY_STEPS = 1_000_000  # checkpoint / eval cadence; past any real job's length (0 = once per epoch)
 
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     n_epochs: int | Auto = Field("auto", description="1..50 or auto")
-    batch_size: int | Auto = "auto"
-    learning_rate_multiplier: float | Auto = "auto"
+    batch_size: int | Auto = Field(
+        "auto", description="Examples per optimizer step (1..1024) or auto (about 0.2% of the examples, 4..32).")
+    learning_rate_multiplier: float | Auto = Field(
+        "auto", description="Scales the base model's default learning rate (0..100] or auto (1).")
 
     @field_validator("n_epochs")
     @classmethod
@@ -43,26 +46,57 @@ class Hyperparameters(BaseModel):
         return v
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: float | Auto = Field("auto", description="DPO's KL weight: higher keeps the model closer to the "
+                                                   "reference; auto = 0.1")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: float | str) -> float | str:
+        if isinstance(v, float | int) and not 0 < v <= 10:
+            raise ValueError("must be > 0 and <= 10")
+        return v
+
+
 class SupervisedMethod(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: Hyperparameters | None = Field(None, description="Hyperparameters of supervised fine-tuning.")
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = Field(
+        None, description="Hyperparameters of DPO (preference) fine-tuning.")
 
 
 class Method(BaseModel):
+    """OpenAI's `method`: the type and its settings under the key of the same name."""
+
     model_config = ConfigDict(extra="forbid")
-    type: Literal["supervised"] = Field(description="only 'supervised' is supported")
-    supervised: SupervisedMethod | None = None
+    type: Literal["supervised", "dpo", "reinforcement"] = Field(
+        description="supervised or dpo (reinforcement is not supported)")
+    supervised: SupervisedMethod | None = Field(None, description="Settings of method type `supervised`.")
+    dpo: DpoMethod | None = Field(None, description="Settings of method type `dpo`.")
+    reinforcement: dict[str, Any] | None = Field(
+        None, description="Accepted in shape only: reinforcement fine-tuning is refused with a 400.")
+
+    def settings(self) -> SupervisedMethod | DpoMethod | dict[str, Any] | None:
+        return {"supervised": self.supervised, "dpo": self.dpo, "reinforcement": self.reinforcement}[self.type]
 
 
 class TrainingTypeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    type: TrainingKind = TrainingKind.lora
-    lora_r: int = Field(8, ge=1, le=512)
-    lora_alpha: int = Field(16, ge=1, le=4096)
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    lora_target_modules: list[str] | None = Field(None, min_length=1)
-    num_virtual_tokens: int = Field(16, ge=1, le=512)
+    type: TrainingKind = Field(
+        TrainingKind.lora, description="lora, qlora, full, freeze (train the head only) or prompt_tuning.")
+    lora_r: int = Field(8, ge=1, le=512, description="LoRA rank.")
+    lora_alpha: int = Field(
+        16, ge=1, le=4096, description="LoRA scaling numerator (the update is scaled by alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | None = Field(
+        None, min_length=1, description="Module names to adapt; null: the base model's defaults.")
+    num_virtual_tokens: int = Field(
+        16, ge=1, le=512, description="prompt_tuning: learned virtual tokens prepended to every input.")
 
     @field_validator("lora_target_modules")
     @classmethod
@@ -74,41 +108,68 @@ class TrainingTypeIn(BaseModel):
 
 class EarlyStoppingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    patience: int = Field(3, ge=1, le=100)
-    min_delta: float = Field(0.0, ge=0.0)
+    patience: int = Field(3, ge=1, le=100, description="Evaluations without improvement before training stops.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest drop in validation loss that counts as an improvement.")
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "model": "smollm2-135m", "training_file": "file-abc123", "validation_file": "file-def456",
+        "hyperparameters": {"n_epochs": 1, "batch_size": 4}, "seed": 1, "suffix": "qa-json",
+        "training_type": "lora", "learning_rate": 2e-3, "metadata": {"team": "search"},
+    }]})
 
-    model: str = Field(min_length=1, max_length=256)
-    training_file: str = Field(min_length=1)
-    validation_file: str | None = None
-    suffix: str | None = Field(None, pattern=SUFFIX_PATTERN)
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    hyperparameters: Hyperparameters | None = None
-    method: Method | None = None
-    integrations: list[dict[str, Any]] | None = None
-    metadata: dict[str, str] | None = None
+    model: str = Field(
+        min_length=1, max_length=256,
+        description="Base model id (GET /v1/models), e.g. `smollm2-135m`, `minilm-l6`, `tiny-lm`.")
+    training_file: str = Field(min_length=1, description="Id of an uploaded fine-tune file.")
+    validation_file: str | None = Field(
+        None, description="Id of an uploaded fine-tune file to evaluate on (metrics, evaluation report).")
+    suffix: str | None = Field(
+        None, pattern=SUFFIX_PATTERN,
+        description="Up to 40 characters (letters, digits, - and _) added to the fine-tuned model's name.")
+    seed: int | None = Field(
+        None, ge=0, le=2**31 - 1, description="Seed for data order and initialisation; random when omitted.")
+    hyperparameters: Hyperparameters | None = Field(
+        None, description="n_epochs, batch_size, learning_rate_multiplier (the supervised shorthand).")
+    method: Method | None = Field(None, description="OpenAI's method: `supervised` or `dpo`, with its hyperparameters.")
+    integrations: list[dict[str, Any]] | None = Field(
+        None, description="Not supported: a non-empty list is refused (400 unsupported_integration).")
+    metadata: dict[str, str] | None = Field(
+        None, description="Up to 16 string pairs (keys up to 64, values up to 512 characters); filter lists with it.")
     # --- tunehouse extensions (additive) ---
-    task: Task = Task.causal_lm
-    training_type: TrainingTypeIn | TrainingKind | None = None
-    learning_rate: float | None = Field(None, gt=0, le=1)
-    max_seq_length: int | None = Field(None, ge=8, le=32768)
-    warmup_ratio: float = Field(0.0, ge=0, le=0.5)
-    weight_decay: float = Field(0.0, ge=0, le=1)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
-    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    task: Task = Field(Task.causal_lm, description="Extension: causal_lm, classification, regression or masked_lm.")
+    training_type: TrainingTypeIn | TrainingKind | None = Field(
+        None, description="Extension: lora (default), qlora, full, freeze or prompt_tuning, bare or with options.")
+    learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Extension: absolute learning rate (instead of learning_rate_multiplier).")
+    max_seq_length: int | None = Field(
+        None, ge=8, le=32768,
+        description="Extension: truncate examples to this many tokens; default: the model's maximum.")
+    warmup_ratio: float = Field(
+        0.0, ge=0, le=0.5, description="Extension: share of the steps spent warming the learning rate up.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="Extension: AdamW weight decay.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, le=1024, description="Extension: batches accumulated per optimizer step.")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="Extension: learning-rate schedule after warm-up.")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="stop after this many optimizer steps")
     max_train_seconds: int | None = Field(None, ge=1, le=30 * 24 * 3600,
                                           description="stop once training has run this long")
-    checkpoint_every_steps: int = Field(0, ge=0)
-    eval_every_steps: int = Field(0, ge=0)
-    early_stopping: EarlyStoppingIn | None = None
-    from_checkpoint: str | None = None
-    cleaning: CleaningIn | None = None
+    checkpoint_every_steps: int = Field(
+        0, ge=0, le=MAX_EVERY_STEPS, description="Extension: checkpoint cadence in steps; 0: once per epoch.")
+    eval_every_steps: int = Field(
+        0, ge=0, le=MAX_EVERY_STEPS, description="Extension: validation cadence in steps; 0: once per epoch.")
+    early_stopping: EarlyStoppingIn | None = Field(
+        None, description="Extension: stop when validation loss stops improving (needs validation_file).")
+    from_checkpoint: str | None = Field(
+        None, description="Extension: a checkpoint id or name of the project to start from.")
+    cleaning: CleaningIn | None = Field(
+        None, description="Extension: clean the data before training (dedupe, PII scrubbing...).")
     # checked (scheme, public address, signing secret) by app.webhooks.service.validate_webhook_url
-    webhook_url: str | None = Field(None, max_length=2048)
+    webhook_url: str | None = Field(
+        None, max_length=2048,
+        description="Extension: https URL POSTed (signed) when the job succeeds, fails or is cancelled.")
     # memory and speed (README "Memory and speed")
     precision: Precision = Field("auto", description="auto: bf16 (fp16 + loss scaling without bf16) on CUDA, "
                                                      "fp32 on CPU; fp16 needs a CUDA worker")
@@ -133,79 +194,85 @@ class JobCreate(BaseModel):
 
 
 class JobError(BaseModel):
-    code: str
-    message: str
-    param: str | None = None
+    code: str = Field(description="Machine-readable error code.")
+    message: str = Field(description="What went wrong.")
+    param: str | None = Field(None, description="The offending parameter, if any.")
 
 
 class JobOut(BaseModel):
     """OpenAI `fine_tuning.job` plus extensions (task, training_type, attempt, progress...)."""
 
-    id: str
-    object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    created_at: int
-    finished_at: int | None
-    model: str
-    fine_tuned_model: str | None
-    organization_id: str
-    status: str
-    hyperparameters: dict[str, Any]
-    method: dict[str, Any]
-    training_file: str
-    validation_file: str | None
-    result_files: list[str]
-    trained_tokens: int | None
-    error: JobError | None
-    seed: int
-    suffix: str | None = None
-    user_provided_suffix: str | None = None
-    estimated_finish: int | None
-    integrations: list[dict[str, Any]] = []
-    metadata: dict[str, str] | None
+    id: str = Field(description="The job id (`ftjob-...`).")
+    object: Literal["fine_tuning.job"] = Field("fine_tuning.job", description="Always `fine_tuning.job`.")
+    created_at: int = Field(description="Creation time (Unix seconds).")
+    finished_at: int | None = Field(description="When the job reached a final status; null before.")
+    model: str = Field(description="The base model.")
+    fine_tuned_model: str | None = Field(description="The resulting model's id once the job succeeded; null before.")
+    organization_id: str = Field(description="The project's id.")
+    status: str = Field(description="validating_files, queued, running, paused, succeeded, failed or cancelled.")
+    hyperparameters: dict[str, Any] = Field(
+        description="The hyperparameters in force (`auto` resolved once training starts).")
+    method: dict[str, Any] = Field(description="The method and its hyperparameters.")
+    training_file: str = Field(description="The training file's id.")
+    validation_file: str | None = Field(description="The validation file's id.")
+    result_files: list[str] = Field(description="Result files (a CSV of step metrics) once the job finished.")
+    trained_tokens: int | None = Field(description="Tokens trained on (all epochs) once the job succeeded.")
+    error: JobError | None = Field(description="Why the job failed; null otherwise.")
+    seed: int = Field(description="The seed used.")
+    suffix: str | None = Field(None, description="The suffix of the fine-tuned model's name.")
+    user_provided_suffix: str | None = Field(None, description="The suffix as given at creation.")
+    estimated_finish: int | None = Field(description="Predicted finish time (Unix seconds) while queued or running.")
+    integrations: list[dict[str, Any]] = Field([], description="Always empty: integrations are not supported.")
+    metadata: dict[str, str] | None = Field(description="The metadata given at creation.")
     # extensions
-    task: str
-    training_type: dict[str, Any]
-    config: dict[str, Any]
-    attempt: int
-    max_attempts: int
-    queue_position: int | None = None
-    progress: dict[str, Any] = {}
-    evaluation: dict[str, Any] | None = None
-    started_at: int | None = None
+    task: str = Field(description="Extension: the training task.")
+    training_type: dict[str, Any] = Field(description="Extension: the training type and its options.")
+    config: dict[str, Any] = Field(description="Extension: the full resolved training configuration.")
+    attempt: int = Field(
+        description="Extension: attempts started (a worker lost mid-job is retried from its last checkpoint).")
+    max_attempts: int = Field(description="Extension: attempts allowed before the job fails with worker_lost.")
+    queue_position: int | None = Field(None, description="Extension: jobs ahead of this one while queued.")
+    progress: dict[str, Any] = Field(
+        {}, description="Extension: step, total_steps, epoch, latest losses, tokens/s and ETA while running.")
+    evaluation: dict[str, Any] | None = Field(
+        None, description="Extension: the evaluation report (base vs fine-tuned) when a validation file was given.")
+    started_at: int | None = Field(None, description="Extension: when training first started (Unix seconds).")
 
 
 class EventOut(BaseModel):
-    id: str
-    object: Literal["fine_tuning.job.event"] = "fine_tuning.job.event"
-    created_at: int
-    level: str
-    message: str
-    data: dict[str, Any] | None
-    type: str
+    id: str = Field(description="The event id (`ftevent-...`).")
+    object: Literal["fine_tuning.job.event"] = Field(
+        "fine_tuning.job.event", description="Always `fine_tuning.job.event`.")
+    created_at: int = Field(description="When it happened (Unix seconds).")
+    level: str = Field(description="info, warn or error.")
+    message: str = Field(description="Human-readable message.")
+    data: dict[str, Any] | None = Field(description="Structured payload (e.g. step metrics for `metrics` events).")
+    type: str = Field(description="`message` or `metrics`.")
 
 
 class CheckpointOut(BaseModel):
-    id: str
-    object: Literal["fine_tuning.job.checkpoint"] = "fine_tuning.job.checkpoint"
-    created_at: int
-    fine_tuned_model_checkpoint: str
-    fine_tuning_job_id: str
-    step_number: int
-    metrics: dict[str, Any]
+    id: str = Field(description="The checkpoint id (`ftckpt-...`), servable as a model.")
+    object: Literal["fine_tuning.job.checkpoint"] = Field(
+        "fine_tuning.job.checkpoint", description="Always `fine_tuning.job.checkpoint`.")
+    created_at: int = Field(description="When it was saved (Unix seconds).")
+    fine_tuned_model_checkpoint: str = Field(description="The checkpoint's model name (`ft:...:ckpt-step-N`).")
+    fine_tuning_job_id: str = Field(description="The job that saved it.")
+    step_number: int = Field(description="Optimizer step it was saved at.")
+    metrics: dict[str, Any] = Field(description="Training and validation metrics at that step.")
     # extensions
-    epoch: float
-    is_best: bool
+    epoch: float = Field(description="Extension: epoch (fractional) it was saved at.")
+    is_best: bool = Field(description="Extension: lowest validation (else training) loss of the job's checkpoints.")
 
 
 class ExportOut(BaseModel):
     """Extension: the 202 of a merged / full download while a worker builds it (`app.jobs.exports`)."""
 
-    id: str
-    object: Literal["fine_tuning.export"] = "fine_tuning.export"
-    status: ExportStatus
-    format: str  # as asked: a LoRA's `full` model is its merged model
-    fine_tuning_job_id: str
-    checkpoint: str  # a checkpoint id or "final"
-    created_at: int
-    updated_at: int
-    error: dict[str, Any] | None = None
+    id: str = Field(description="The export id.")
+    object: Literal["fine_tuning.export"] = Field("fine_tuning.export", description="Always `fine_tuning.export`.")
+    status: ExportStatus = Field(description="queued, building, ready or failed.")
+    format: str = Field(description="The format asked for (a LoRA's `full` model is its merged model).")
+    fine_tuning_job_id: str = Field(description="The job whose weights are exported.")
+    checkpoint: str = Field(description="A checkpoint id, or `final`.")
+    created_at: int = Field(description="When the export was asked for (Unix seconds).")
+    updated_at: int = Field(description="Last status change (Unix seconds).")
+    error: dict[str, Any] | None = Field(None, description="Why the export failed, in the OpenAI error shape.")

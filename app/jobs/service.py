@@ -31,8 +31,9 @@ from app.models_registry import repository
 from app.models_registry.catalog import check_supports, get_spec
 from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
+from app.tenancy.service import check_job_quota
 from app.webhooks.service import notify_terminal, validate_webhook_url
-from ml.config import EarlyStopping, RecipeConfig, Task, TrainingKind, TrainingTypeConfig
+from ml.config import DEFAULT_DPO_BETA, EarlyStopping, Method, RecipeConfig, Task, TrainingKind, TrainingTypeConfig
 from ml.data.formats import TASK_FORMATS, Format
 from ml.memory import gib
 
@@ -66,26 +67,46 @@ def _request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
+def method_of(body: JobCreate) -> Method:
+    """OpenAI's `method.type`; top-level `hyperparameters` alone is the supervised shorthand."""
+    m = body.method
+    if m is None:
+        return Method.supervised
+    if m.type == "reinforcement":
+        raise InvalidRequest("Reinforcement fine-tuning is not supported; use method type 'supervised' or 'dpo'.",
+                             param="method.type", code="unsupported_method")
+    for other in ("supervised", "dpo", "reinforcement"):
+        if other != m.type and getattr(m, other) is not None:
+            raise InvalidRequest(f"method.type is '{m.type}' but settings were given under 'method.{other}'.",
+                                 param=f"method.{other}")
+    return Method(m.type)
+
+
 def _hyperparameter_input(body: JobCreate) -> dict[str, Any]:
+    method = method_of(body)
     if body.method is not None and body.hyperparameters is not None:
         raise InvalidRequest("Pass hyperparameters either at the top level or in 'method', not both.",
                              param="hyperparameters")
-    hp = body.hyperparameters
-    if body.method is not None and body.method.supervised is not None:
-        hp = body.method.supervised.hyperparameters
-    out = hp.model_dump() if hp else {"n_epochs": "auto", "batch_size": "auto",
-                                      "learning_rate_multiplier": "auto"}
+    settings = body.method.settings() if body.method is not None else None
+    hp = getattr(settings, "hyperparameters", None) or body.hyperparameters
+    out: dict[str, Any] = hp.model_dump() if hp else {"n_epochs": "auto", "batch_size": "auto",
+                                                      "learning_rate_multiplier": "auto"}
+    if method is Method.dpo:
+        beta = out.get("beta", "auto")
+        out["beta"] = DEFAULT_DPO_BETA if beta == "auto" else float(beta)
     if body.learning_rate is not None and out["learning_rate_multiplier"] != "auto":
         raise InvalidRequest("Pass either 'learning_rate' or 'learning_rate_multiplier', not both.",
                              param="learning_rate")
     return out
 
 
-def _check_training_file(file: File, task: Task, param: str) -> Format:
+def _check_training_file(file: File, task: Task, param: str, method: Method = Method.supervised) -> Format:
     if file.purpose != "fine-tune":
         raise InvalidRequest(f"File '{file.id}' has purpose '{file.purpose}'; fine-tuning needs 'fine-tune'.",
                              param=param, code="invalid_file_purpose")
     fmt = Format(file.format) if file.format else None
+    if method is Method.dpo or fmt is Format.preference:
+        return _check_preference_file(file, fmt, method, param)
     if fmt is None or fmt not in TASK_FORMATS[task]:
         allowed = ", ".join(sorted(f.value for f in TASK_FORMATS[task]))
         raise InvalidRequest(f"File '{file.id}' is in {fmt.value if fmt else 'an unknown'} format; task "
@@ -94,15 +115,27 @@ def _check_training_file(file: File, task: Task, param: str) -> Format:
     return fmt
 
 
-def _check_files(train: File, valid: File | None, task: Task) -> None:
-    train_fmt = _check_training_file(train, task, "training_file")
+def _check_preference_file(file: File, fmt: Format | None, method: Method, param: str) -> Format:
+    """Preference pairs train DPO jobs, and DPO jobs train on nothing else."""
+    if method is Method.dpo and fmt is not Format.preference:
+        raise InvalidRequest(f"File '{file.id}' is in {fmt.value if fmt else 'an unknown'} format; method 'dpo' "
+                             "needs preference records: {\"input\": {\"messages\": [...]}, \"preferred_output\": "
+                             "[...], \"non_preferred_output\": [...]}.", param=param, code="invalid_file_format")
+    if method is not Method.dpo:
+        raise InvalidRequest(f"File '{file.id}' holds preference pairs; train on it with method "
+                             "{\"type\": \"dpo\"}.", param=param, code="invalid_file_format")
+    return Format.preference
+
+
+def _check_files(train: File, valid: File | None, task: Task, method: Method = Method.supervised) -> None:
+    train_fmt = _check_training_file(train, task, "training_file", method)
     labels = set((train.stats or {}).get("labels", {}))
     if task is Task.classification and len(labels) < 2:
         raise InvalidRequest(f"Classification needs at least 2 distinct labels; '{train.id}' has "
                              f"{len(labels)}.", param="training_file", code="invalid_file_format")
     if valid is None:
         return
-    valid_fmt = _check_training_file(valid, task, "validation_file")
+    valid_fmt = _check_training_file(valid, task, "validation_file", method)
     if task is not Task.masked_lm and valid_fmt != train_fmt:
         raise InvalidRequest(f"Validation file is {valid_fmt.value} but training file is {train_fmt.value}.",
                              param="validation_file", code="invalid_file_format")
@@ -141,6 +174,9 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
     tt = body.training_type_config()
     check_supports(spec, body.task.value, tt.type.value)
     _check_memory_options(body, tt.type, spec.is_decoder)
+    method = method_of(body)
+    if method is Method.dpo and (body.task is not Task.causal_lm or not spec.is_decoder or body.packing):
+        raise InvalidRequest("DPO trains causal_lm jobs on decoder models, without packing.", param="method")
     if body.early_stopping is not None and valid is None:
         raise InvalidRequest("Early stopping needs a validation_file.", param="early_stopping")
     max_len = body.max_seq_length or spec.max_seq_length
@@ -170,8 +206,11 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
         init_checkpoint_key=init_key,
         cleaning=body.cleaning.model_dump() if body.cleaning else {},
         precision=body.precision, gradient_checkpointing=body.gradient_checkpointing, packing=body.packing,
+        method=method, beta=hp_in.get("beta", DEFAULT_DPO_BETA),
     )
     hp_out = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+    if method is Method.dpo:
+        hp_out["beta"] = cfg.beta
     return cfg, hp_out, seed
 
 
@@ -203,14 +242,23 @@ class Spec:
     seed: int
 
 
+def _check_integrations(body: JobCreate) -> None:
+    """OpenAI's `integrations` (e.g. wandb) would otherwise be dropped silently: refuse them instead."""
+    if body.integrations:
+        kinds = sorted({str(i.get("type", "?")) for i in body.integrations})
+        raise InvalidRequest(f"Integrations are not supported (got {', '.join(kinds)}); training metrics are in "
+                             "the job's events and result file.", param="integrations", code="unsupported_integration")
+
+
 def validate_spec(session: Session, project: Project, body: JobCreate,
                   lock: Literal["share"] | None = None) -> Spec:
     """Every check job creation makes (files, model, hyperparameters); `lock="share"` keeps the files
     from being deleted until the transaction ends."""
+    _check_integrations(body)
     train = get_file(session, project.id, body.training_file, "training_file", lock=lock)
     valid = get_file(session, project.id, body.validation_file, "validation_file", lock=lock) \
         if body.validation_file else None
-    _check_files(train, valid, body.task)
+    _check_files(train, valid, body.task, method_of(body))
     cfg, hp, seed = _build_config(session, project, body, train, valid)
     return Spec(train, valid, cfg, hp, seed)
 
@@ -283,6 +331,7 @@ def create_job(session: Session, project: Project, body: JobCreate, idempotency_
         return prior
     est = _creation_estimate(session, project, body)
     spec = validate_spec(session, project, body, lock="share")  # again: the files may have gone meanwhile
+    check_job_quota(session, project)  # locks the project row: concurrent creations count each other
     train, valid, cfg, hp, seed = spec.train, spec.valid, spec.cfg, spec.hyperparameters, spec.seed
     job = Job(
         id=ids.job_id(), project_id=project.id, model=body.model, training_file=train.id,
@@ -409,12 +458,18 @@ def _ts(dt: Any) -> int | None:
     return int(dt.timestamp()) if dt is not None else None
 
 
+def method_out(job: Job) -> dict[str, Any]:
+    """OpenAI's `method` object, from the stored config (rows from before DPO are supervised)."""
+    kind = str((job.config or {}).get("method") or Method.supervised.value)
+    return {"type": kind, kind: {"hyperparameters": dict(job.hyperparameters)}}
+
+
 def to_out(session: Session, job: Job) -> JobOut:
     hp = dict(job.hyperparameters)
     return JobOut(
         id=job.id, created_at=_ts(job.created_at) or 0, finished_at=_ts(job.finished_at), model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.project_id, status=job.status,
-        hyperparameters=hp, method={"type": "supervised", "supervised": {"hyperparameters": hp}},
+        hyperparameters=hp, method=method_out(job),
         training_file=job.training_file, validation_file=job.validation_file, result_files=job.result_files,
         trained_tokens=job.trained_tokens, error=job.error, seed=job.seed, suffix=job.suffix,
         user_provided_suffix=job.suffix, estimated_finish=_ts(job.estimated_finish),

@@ -42,6 +42,10 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        # Task events let Flower show queued and running tasks. Redis only: the embedded filesystem
+        # broker has no fanout exchange to publish them on.
+        worker_send_task_events=not settings.embedded,
+        task_send_sent_event=not settings.embedded,
     )
     return app
 

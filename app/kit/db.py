@@ -53,12 +53,27 @@ def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur.close()
 
 
+# Connections per engine (pool + overflow), and those kept back from requests for the in-process
+# reaper, /metrics and readiness checks, so those never wait behind a burst of requests.
+POOL_SIZE = 10
+MAX_OVERFLOW = 20
+POOL_RESERVE = 4
+
+
+def request_slots() -> int:
+    """How many requests may hold a session at once (`app.kit.deps`): each always gets a connection
+    without waiting, so no worker thread ever blocks on the pool."""
+    return POOL_SIZE + MAX_OVERFLOW - POOL_RESERVE
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        pool = {} if url in ("sqlite://", "sqlite:///:memory:") else {"pool_size": POOL_SIZE,
+                                                                       "max_overflow": MAX_OVERFLOW}
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=MAX_OVERFLOW)
 
 
 @lru_cache

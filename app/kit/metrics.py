@@ -1,21 +1,27 @@
 """Prometheus `/metrics`: request latency by route template and status (middleware), the process's
 CPU and memory, plus values that domains read at scrape time through collectors they register
-(`register_collector`, `register_db_collector`). Enable with `install_metrics(app)`."""
+(`register_collector`, `register_db_collector`). Enable with `install_metrics(app)`.
+
+They span every project, so only the operator reads them: `Authorization: Bearer <TUNEHOUSE_OPERATOR_TOKEN>`;
+with no token set the route answers 404, unless `TUNEHOUSE_METRICS_PUBLIC=true` opens it to all."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Callable
 from functools import partial
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.kit.db import get_sessionmaker
+from app.kit.errors import AuthenticationError, NotFound
+from app.settings import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +119,21 @@ def _safely(fn: Collector, name: str) -> int:
 router = APIRouter(tags=["metrics"])
 
 
-@router.get("/metrics", include_in_schema=False)
+def require_metrics_access(request: Request) -> None:
+    settings = get_settings()
+    if settings.metrics_public:
+        return
+    if not settings.operator_token:
+        raise NotFound("Not found")  # off: nothing tells a scanner it exists
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.operator_token.encode()):
+        err = AuthenticationError("/metrics needs the operator token as 'Authorization: Bearer <token>'.",
+                                  code="invalid_operator_token")
+        err.headers = {"WWW-Authenticate": "Bearer"}
+        raise err
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(require_metrics_access)])
 def metrics(request: Request) -> Response:
     collect(getattr(request.app.state, "sessionmaker", None) or get_sessionmaker())
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

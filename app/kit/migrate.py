@@ -1,4 +1,8 @@
-"""Run Alembic migrations programmatically (server start, compose `api` service, tests)."""
+"""Run Alembic migrations programmatically (server start, `tunehouse migrate`, compose `api` service, tests).
+
+The scripts ship inside the package (app/migrations), and the config is built here rather than read from
+alembic.ini, so a wheel install migrates from any directory. The root alembic.ini is for developers'
+`alembic revision --autogenerate` and points at the same scripts."""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 
-ROOT = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parents[1] / "migrations"
 
 
 def alembic_config(url: str) -> Config:
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(SCRIPTS))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg
 

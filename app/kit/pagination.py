@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
@@ -14,11 +14,12 @@ T = TypeVar("T")
 
 
 class ListPage(BaseModel, Generic[T]):
-    object: str = "list"
-    data: list[T]
-    has_more: bool
-    first_id: str | None = None
-    last_id: str | None = None
+    object: str = Field("list", description="Always `list`.")
+    data: list[T] = Field(description="The page's items.")
+    has_more: bool = Field(description="Whether another page follows (pass `last_id` as `after`).")
+    first_id: str | None = Field(None, description="Id of the first item of the page; null when empty.")
+    last_id: str | None = Field(
+        None, description="Id of the last item of the page: the `after` cursor of the next page; null when empty.")
 
 
 def check_limit(limit: int, maximum: int = 100) -> int:

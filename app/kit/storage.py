@@ -9,8 +9,10 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import IO, Protocol
@@ -28,6 +30,7 @@ class Storage(Protocol):
     def local_file(self, key: str) -> Path: ...
     def size(self, key: str) -> int: ...
     def staging_dir(self) -> Path: ...
+    def iter_files(self, prefix: str) -> Iterator[tuple[str, float]]: ...
 
 
 def _fsync_dir(path: Path) -> None:
@@ -111,6 +114,23 @@ class LocalStorage:
     def local_dir(self, key: str) -> Path:
         return self.path(key)
 
+    def iter_files(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, mtime) of every stored file under `prefix` (for the orphan sweep)."""
+        top = self.path(prefix)
+        for dirpath, _, names in os.walk(top):
+            for name in names:
+                p = Path(dirpath) / name
+                with contextlib.suppress(FileNotFoundError):
+                    yield p.relative_to(self.root).as_posix(), p.lstat().st_mtime
+
+    def prune_empty_dirs(self, keys: Collection[str], prefix: str) -> None:
+        """The directories that held `keys`, once emptied by a sweep (deepest first, up to `prefix`)."""
+        stop = self.path(prefix)
+        dirs = {p for key in keys for p in self.path(key).parents if stop in p.parents}
+        for d in sorted(dirs, key=lambda p: -len(p.parts)):
+            with contextlib.suppress(OSError):
+                d.rmdir()  # fails while not empty
+
     def local_file(self, key: str) -> Path:
         p = self.path(key)
         if not p.is_file():
@@ -180,6 +200,15 @@ class FsspecStorage:
     def size(self, key: str) -> int:
         return int(self.fs.size(self._k(key)))
 
+    def iter_files(self, prefix: str) -> Iterator[tuple[str, float]]:
+        """(key, mtime) of every stored object under `prefix`; an object whose time is unknown is
+        reported as new (never swept)."""
+        base = self.base + "/"
+        found = self.fs.find(self._k(prefix), detail=True)
+        for path, info in (found.items() if isinstance(found, dict) else []):
+            if str(path).startswith(base):
+                yield str(path)[len(base):], _mtime(info)
+
     def _dir_version(self, key: str) -> str:
         try:
             token = bytes(self.fs.cat_file(self._k(f"{key}/{COMPLETE_MARKER}"))).decode().strip()
@@ -237,6 +266,16 @@ class FsspecStorage:
 COMPLETE_MARKER = "_COMPLETE"
 
 
+def _mtime(info: dict[str, object]) -> float:
+    for field in ("mtime", "LastModified", "last_modified", "created"):
+        value = info.get(field)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, int | float):
+            return float(value)
+    return time.time()
+
+
 def _token(raw: str) -> str:
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
@@ -261,6 +300,58 @@ def staged_file(storage: Storage, suffix: str = "") -> Iterator[Path]:
         yield path
     finally:
         path.unlink(missing_ok=True)
+
+
+# --- leftovers ------------------------------------------------------------------------------
+
+def _newest_mtime(path: Path) -> float:
+    """Newest modification under `path`: a scratch dir still being written to is not stale."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirs, names in os.walk(path):
+            for name in (*dirs, *names):
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, (Path(dirpath) / name).lstat().st_mtime)
+    return newest
+
+
+def clean_staging(storage: Storage, grace_seconds: float, in_use: Callable[[str], bool]) -> list[str]:
+    """Remove staging entries (partial uploads, scratch dirs of killed workers) untouched for
+    `grace_seconds`, except those `in_use(name)` claims (a live job's scratch dir). Their names."""
+    cutoff = time.time() - grace_seconds
+    removed = []
+    for entry in list(storage.staging_dir().iterdir()):
+        try:
+            if in_use(entry.name) or _newest_mtime(entry) > cutoff:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue  # its owner finished meanwhile
+        removed.append(entry.name)
+    return removed
+
+
+def sweep_orphans(storage: Storage, prefix: str, grace_seconds: float, referenced: Collection[str]) -> list[str]:
+    """Delete stored files under `prefix` older than `grace_seconds` that no referenced key is, or
+    holds (a referenced directory keeps all its files): bytes whose row never committed, and the
+    leftovers of interrupted atomic writes. Returns the deleted keys."""
+    cutoff = time.time() - grace_seconds
+    refs = set(referenced)
+    doomed = [key for key, mtime in storage.iter_files(prefix)
+              if mtime < cutoff and not _held(key, refs)]
+    for key in doomed:
+        storage.delete(key)
+    if isinstance(storage, LocalStorage) and doomed:
+        storage.prune_empty_dirs(doomed, prefix)
+    return doomed
+
+
+def _held(key: str, refs: set[str]) -> bool:
+    parts = key.split("/")
+    return any("/".join(parts[:i]) in refs for i in range(1, len(parts) + 1))
 
 
 @lru_cache

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from app.auth.deps import CurrentProject
 from app.inference.runtime import evict_model
@@ -23,6 +24,6 @@ def retrieve_model(model: str, db: DB, project: CurrentProject) -> ModelOut:
 
 @router.delete("/{model:path}", response_model=ModelDeleted)
 async def delete_model(request: Request, model: str, db: DB, project: CurrentProject) -> ModelDeleted:
-    storage_key = service.delete_model(db, project, model)
+    storage_key = await run_in_threadpool(service.delete_model, db, project, model)  # not on the event loop
     await evict_model(request.app, storage_key)  # free the weights now, not on the next request
     return ModelDeleted(id=model)

@@ -6,6 +6,7 @@ from sqlalchemy.orm import Session
 
 from app.kit.db import utcnow
 from app.kit.errors import NotFound
+from app.kit.hotcache import bump_after_commit
 from app.models_registry import repository
 from app.models_registry.catalog import load_catalog
 from app.models_registry.schemas import ModelOut
@@ -48,4 +49,5 @@ def delete_model(session: Session, project: Project, model_id: str) -> str:
     row = get_fine_tuned(session, project, model_id)
     row.deleted_at = utcnow()
     session.flush()
+    bump_after_commit(session)  # resolved models are cached (app.inference.resolve)
     return row.storage_key

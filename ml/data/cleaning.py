@@ -37,17 +37,24 @@ class CleaningIn(BaseModel):
     """A job's `cleaning` options."""
 
     model_config = ConfigDict(extra="forbid")
-    dedupe: bool = False
-    near_dedupe: bool = False
-    drop_empty: bool = True
-    max_chars: int | None = Field(None, ge=1)
-    scrub_pii: bool = False
+    dedupe: bool = Field(False, description="Drop exact duplicates of an earlier example (same fields, same label).")
+    near_dedupe: bool = Field(
+        False, description="Drop near duplicates of an earlier example with the same label (normalized text, MinHash).")
+    drop_empty: bool = Field(
+        True, description="Drop examples with nothing to learn from (blank text, completion or assistant turns).")
+    max_chars: int | None = Field(
+        None, ge=1, le=100_000_000,
+        description="Drop examples with more characters than this in all text fields together.")
+    scrub_pii: bool = Field(
+        False, description="Replace e-mail and IP addresses, IBANs, card and phone numbers with <EMAIL>, <PHONE>...")
 
 
 class CleaningOptions(CleaningIn):
     """The job's `cleaning` options plus a token limit (file endpoint: needs `model` for its tokenizer)."""
 
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=10_000_000,
+        description="Drop examples longer than this many tokens (needs `model` for its tokenizer).")
     model: str | None = Field(default=None, description="base model whose tokenizer counts max_tokens")
 
 
@@ -124,9 +131,12 @@ def scrub(text: str, counts: dict[str, int]) -> str:
 
 # --- record access --------------------------------------------------------------------------------
 
+PAIR_KEYS = ("chosen", "rejected")  # a preference record's two answers (after its prompt `messages`)
+
+
 def text_fields(rec: Record) -> list[str]:
     if "messages" in rec:
-        return [m["content"] for m in rec["messages"]]
+        return [m["content"] for m in rec["messages"]] + [rec[k] for k in PAIR_KEYS if k in rec]
     if "completion" in rec:
         return [rec["prompt"], rec["completion"]]
     return [rec["text"]]
@@ -134,7 +144,8 @@ def text_fields(rec: Record) -> list[str]:
 
 def map_text(rec: Record, fn: Callable[[str], str]) -> Record:
     if "messages" in rec:
-        return {**rec, "messages": [{**m, "content": fn(m["content"])} for m in rec["messages"]]}
+        pair = {k: fn(rec[k]) for k in PAIR_KEYS if k in rec}
+        return {**rec, "messages": [{**m, "content": fn(m["content"])} for m in rec["messages"]], **pair}
     if "completion" in rec:
         return {**rec, "prompt": fn(rec["prompt"]), "completion": fn(rec["completion"])}
     return {**rec, "text": fn(rec["text"])}
@@ -145,7 +156,10 @@ def _blank(s: str) -> bool:
 
 
 def is_empty(rec: Record) -> bool:
-    """Nothing to learn from: the target text is blank (every weighted assistant turn for chat)."""
+    """Nothing to learn from: the target text is blank (every weighted assistant turn for chat, either
+    answer of a preference pair)."""
+    if "chosen" in rec:
+        return any(_blank(rec[k]) for k in PAIR_KEYS)
     if "messages" in rec:
         return all(_blank(m["content"]) for m in rec["messages"] if m["role"] == "assistant" and m["weight"])
     if "completion" in rec:
@@ -155,7 +169,8 @@ def is_empty(rec: Record) -> bool:
 
 def _joined(rec: Record) -> str:
     if "messages" in rec:
-        return "\n".join(f"{m['role']}: {m['content']}" for m in rec["messages"])
+        pair = [f"{k}: {rec[k]}" for k in PAIR_KEYS if k in rec]
+        return "\n".join([f"{m['role']}: {m['content']}" for m in rec["messages"]] + pair)
     return "\n".join(text_fields(rec))
 
 

@@ -7,10 +7,14 @@ JSONL record shapes (one JSON object per line):
   text               {"text": str}
   classification     {"text": str, "label": str|int}
   regression         {"text": str, "value": number}
+  preference         {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", "content": str}],
+                      "non_preferred_output": [{"role": "assistant", "content": str}]}  (DPO, as OpenAI's)
 CSV files carry the same fields as a header row (text,label / text,value / prompt,completion / text).
 
 `validate_file` checks a whole upload (encoding, line length, JSON, schema, one format per file);
-`iter_records` reads a validated file back, splitting lines exactly the same way.
+JSONL goes through a fast path (`ml.data.fastjson`, blocks of lines) that hands any line it does not
+accept to the detailed validator here, which words every error. `iter_records` reads a validated file
+back, splitting lines exactly the same way.
 """
 
 from __future__ import annotations
@@ -18,11 +22,15 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import IO, Any
+
+from ml.data.fastjson import BlockStats, FastChecker, Reject
+from ml.data.text import find_bad_text
 
 # csv's default field limit (128 KiB) is below our line limit; record size is bounded by
 # validation (max_line_bytes) instead, so lift it for the validator and the trainer alike.
@@ -35,9 +43,10 @@ class Format(StrEnum):
     text = "text"
     classification = "classification"
     regression = "regression"
+    preference = "preference"
 
 
-# Which dataset formats each task trains on.
+# Which dataset formats each task trains on with supervised fine-tuning (preference data needs DPO).
 TASK_FORMATS: dict[str, set[Format]] = {
     "causal_lm": {Format.chat, Format.prompt_completion, Format.text},
     "classification": {Format.classification},
@@ -46,6 +55,7 @@ TASK_FORMATS: dict[str, set[Format]] = {
 }
 
 CHAT_ROLES = {"system", "user", "assistant", "tool", "developer"}
+PREFERENCE_KEYS = ("input", "preferred_output", "non_preferred_output")
 
 
 class RecordError(ValueError):
@@ -68,6 +78,8 @@ class LineError:
 
 def detect_format(obj: dict[str, Any]) -> Format:
     keys = set(obj)
+    if keys & set(PREFERENCE_KEYS):
+        return Format.preference
     if "messages" in keys:
         return Format.chat
     if "prompt" in keys or "completion" in keys:
@@ -80,7 +92,7 @@ def detect_format(obj: dict[str, Any]) -> Format:
         return Format.text
     raise RecordError(
         f"unrecognized record with keys {sorted(keys)}; expected one of: messages | prompt+completion | "
-        "text | text+label | text+value"
+        "text | text+label | text+value | input+preferred_output+non_preferred_output"
     )
 
 
@@ -97,12 +109,18 @@ def _nonempty_str(obj: dict[str, Any], key: str, where: str | None = None) -> st
 
 
 def _normalize_chat(obj: dict[str, Any]) -> dict[str, Any]:
-    msgs = obj.get("messages")
+    out = _normalize_messages(obj.get("messages"), "messages")
+    if not any(m["role"] == "assistant" and m["weight"] for m in out):
+        raise RecordError("a chat example needs at least one assistant message to learn from", "messages")
+    return {"messages": out}
+
+
+def _normalize_messages(msgs: Any, path: str) -> list[dict[str, Any]]:
     if not isinstance(msgs, list) or not msgs:
-        raise RecordError("'messages' must be a non-empty list", "messages")
+        raise RecordError(f"'{path}' must be a non-empty list", path)
     out = []
     for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
+        where = f"{path}[{i}]"
         if not isinstance(m, dict):
             raise RecordError(f"'{where}' must be an object", where)
         role = m.get("role")
@@ -121,9 +139,45 @@ def _normalize_chat(obj: dict[str, Any]) -> dict[str, Any]:
         if weight not in (0, 1):
             raise RecordError(f"'{where}.weight' must be 0 or 1", f"{where}.weight")
         out.append({"role": role, "content": content, "weight": int(weight)})
-    if not any(m["role"] == "assistant" and m["weight"] for m in out):
-        raise RecordError("a chat example needs at least one assistant message to learn from", "messages")
-    return {"messages": out}
+    return out
+
+
+def _normalize_preference(obj: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's DPO record -> {"messages": the prompt (no turn learned), "chosen": str, "rejected": str}."""
+    for key in PREFERENCE_KEYS:
+        if key not in obj:
+            raise RecordError(f"missing required field '{key}' (a preference record needs "
+                              f"{', '.join(PREFERENCE_KEYS)})", key)
+    prompt = obj["input"]
+    if not isinstance(prompt, dict):
+        raise RecordError("'input' must be an object with 'messages'", "input")
+    messages = [m | {"weight": 0} for m in _normalize_messages(prompt.get("messages"), "input.messages")]
+    chosen = _preference_output(obj["preferred_output"], "preferred_output")
+    rejected = _preference_output(obj["non_preferred_output"], "non_preferred_output")
+    if chosen.strip() == rejected.strip():
+        raise RecordError("'preferred_output' and 'non_preferred_output' are identical: the pair teaches "
+                          "nothing", "non_preferred_output")
+    return {"messages": messages, "chosen": chosen, "rejected": rejected}
+
+
+def _preference_output(value: Any, key: str) -> str:
+    """One assistant message with non-empty text content (OpenAI's shape: a list of one message)."""
+    if not isinstance(value, list) or len(value) != 1:
+        raise RecordError(f"'{key}' must be a list of exactly one assistant message", key)
+    message = value[0]
+    where = f"{key}[0]"
+    if not isinstance(message, dict):
+        raise RecordError(f"'{where}' must be an object", where)
+    if message.get("role") != "assistant":
+        raise RecordError(f"'{where}.role' must be 'assistant', got {message.get('role')!r}", f"{where}.role")
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: keep the text parts
+        content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise RecordError(f"'{where}.content' must be a string", f"{where}.content")
+    if not content.strip():
+        raise RecordError(f"'{where}.content' must not be empty", f"{where}.content")
+    return content
 
 
 def normalize(obj: Any, fmt: Format | None = None) -> tuple[Format, dict[str, Any]]:
@@ -136,6 +190,8 @@ def normalize(obj: Any, fmt: Format | None = None) -> tuple[Format, dict[str, An
                           f"(keys {sorted(obj)})")
     if found is Format.chat:
         return found, _normalize_chat(obj)
+    if found is Format.preference:
+        return found, _normalize_preference(obj)
     if found is Format.prompt_completion:
         prompt = obj.get("prompt")
         if not isinstance(prompt, str):
@@ -156,10 +212,17 @@ def normalize(obj: Any, fmt: Format | None = None) -> tuple[Format, dict[str, An
                 value = float(value)
             except ValueError:
                 raise RecordError(f"'value' must be a number, got {obj['value']!r}", "value") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
             raise RecordError("'value' must be a finite number", "value")
         return found, {"text": text, "value": float(value)}
     return found, {"text": text}
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 @dataclass
@@ -188,6 +251,17 @@ class Report:
             self.value_max = v if self.value_max is None else max(self.value_max, v)
         self.chars += _record_chars(fmt, rec)
 
+    def add_block(self, b: BlockStats) -> None:
+        """`add` for a block of records the fast path accepted (same totals, same order)."""
+        self.rows += b.rows
+        self.chars += b.chars
+        for label, count in b.labels.items():
+            self.labels[label] = self.labels.get(label, 0) + count
+        if b.values:
+            lo, hi = min(b.values), max(b.values)
+            self.value_min = lo if self.value_min is None else min(self.value_min, lo)
+            self.value_max = hi if self.value_max is None else max(self.value_max, hi)
+
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "rows": self.rows, "chars": self.chars}
         if self.labels:
@@ -202,6 +276,8 @@ class Report:
 def _record_chars(fmt: Format, rec: dict[str, Any]) -> int:
     if fmt is Format.chat:
         return sum(len(m["content"]) for m in rec["messages"])
+    if fmt is Format.preference:
+        return sum(len(m["content"]) for m in rec["messages"]) + len(rec["chosen"]) + len(rec["rejected"])
     if fmt is Format.prompt_completion:
         return len(rec["prompt"]) + len(rec["completion"])
     return len(rec["text"])
@@ -240,6 +316,16 @@ class Validator:
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             self.error(line, f"invalid JSON: {e.msg} (column {e.colno})")
+            return
+        except RecursionError:
+            self.error(line, "invalid JSON: nested too deeply")
+            return
+        except ValueError:  # int() refuses over sys.get_int_max_str_digits() digits
+            self.error(line, f"invalid JSON: a number has too many digits (at most {sys.get_int_max_str_digits()})")
+            return
+        if bad := find_bad_text(obj):
+            field, problem = bad
+            self.error(line, f"a value {problem}" if field is None else f"the value {problem}", field)
             return
         self.record(line, obj)
 
@@ -324,39 +410,145 @@ def _skip_rest_of_line(fh: IO[bytes]) -> None:
             return
 
 
-def _physical_lines(fh: IO[bytes], v: Validator, max_line_bytes: int) -> Iterator[tuple[int, str]]:
-    """(line number, decoded text incl. newline); bad lines are reported and skipped."""
-    n = 0
-    while not v.full and (raw := fh.readline(max_line_bytes + 1)):
+def _line_text(v: Validator, n: int, raw: bytes) -> str | None:
+    """The decoded line, or None once its error is reported; raises _Fatal on binary content."""
+    if b"\x00" in raw:
+        raise _Fatal(n, f"binary content (NUL byte at column {raw.index(0) + 1}); "
+                        "upload UTF-8 text: JSONL or CSV")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        v.error(n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+        return None
+
+
+def _long_line(v: Validator, n: int, max_line_bytes: int) -> None:
+    v.error(n, f"line is longer than the {max_line_bytes}-byte limit")
+
+
+def _physical_lines(fh: IO[bytes], v: Validator, max_line_bytes: int, first: int = 1,
+                    count: int | None = None) -> Iterator[tuple[int, str]]:
+    """(line number, decoded text incl. newline) for up to `count` lines numbered from `first`;
+    bad lines are reported and skipped."""
+    n = first - 1
+    while not v.full and (count is None or n < first - 1 + count) and (raw := fh.readline(max_line_bytes + 1)):
         n += 1
         if n == 1:
             raw = raw.removeprefix(BOM)
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
             _skip_rest_of_line(fh)
-            v.error(n, f"line is longer than the {max_line_bytes}-byte limit")
+            _long_line(v, n, max_line_bytes)
             continue
-        if b"\x00" in raw:
-            raise _Fatal(n, f"binary content (NUL byte at column {raw.index(0) + 1}); "
-                            "upload UTF-8 text: JSONL or CSV")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            v.error(n, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
-            continue
-        yield n, text
+        if (text := _line_text(v, n, raw)) is not None:
+            yield n, text
+
+
+def _jsonl_line(v: Validator, n: int, text: str) -> None:
+    if n == 1 and text.lstrip().startswith("["):
+        raise _Fatal(1, "the file looks like a JSON array; upload JSON Lines: one JSON object per line")
+    v.json_line(n, text)
+
+
+def _no_records(v: Validator, last: int) -> None:
+    if v.report.rows == 0 and v.report.error_count == 0:
+        v.error(max(last, 1), "no records: the file contains only blank lines")
 
 
 def _scan_jsonl(lines: Iterator[tuple[int, str]], v: Validator) -> None:
+    """The detailed scan: every line through `Validator.json_line`."""
     last = 0
     for n, text in lines:
         last = n
-        if n == 1 and text.lstrip().startswith("["):
-            raise _Fatal(1, "the file looks like a JSON array; upload JSON Lines: one JSON object per line")
-        v.json_line(n, text)
+        _jsonl_line(v, n, text)
         if v.full:
             return
-    if v.report.rows == 0 and v.report.error_count == 0:
-        v.error(max(last, 1), "no records: the file contains only blank lines")
+    _no_records(v, last)
+
+
+BLOCK_BYTES = 1 << 16  # records of a block stay in CPU caches
+FAST_MISSES = 32
+NUL_ESCAPE = b"\\u0000"  # the only way a NUL reaches a parsed JSON string (raw NULs are fatal)
+
+
+class _FastScan:
+    """The same scan, a block of lines at a time: a block of well-formed records of the file's
+    format goes through `FastChecker` in one go; any other block is re-checked line by line,
+    and lines the fast check refuses get the detailed validator, so errors are the same."""
+
+    def __init__(self, fh: IO[bytes], v: Validator, max_line_bytes: int) -> None:
+        self.fh, self.v, self.max_line_bytes = fh, v, max_line_bytes
+        self.checker: FastChecker | None = None
+
+    def run(self) -> None:
+        n = 0  # lines done
+        while not self.v.full:
+            start, block, end = self.read_block()
+            if not block:
+                break
+            if n == 0 or (end == 0 and len(block) > self.max_line_bytes):
+                # line 1 (BOM, JSON array) and over-long lines: read as the detailed scan does
+                self.fh.seek(start)
+                for m, text in _physical_lines(self.fh, self.v, self.max_line_bytes, n + 1, 1):
+                    _jsonl_line(self.v, m, text)
+                n += 1
+                continue
+            if 0 < end < len(block):
+                block = block[:end]
+                self.fh.seek(start + end)
+            lines = block.split(b"\n")
+            if end:
+                lines.pop()  # after the final newline
+            self.block(n + 1, block, lines, newline=end > 0)
+            n += len(lines)
+        if not self.v.full:
+            _no_records(self.v, n)
+
+    def read_block(self) -> tuple[int, bytes, int]:
+        """(offset, bytes, end of the last whole line in them): about BLOCK_BYTES, more while no
+        line ends, up to the line limit (a longer line is the caller's to skip)."""
+        start = self.fh.tell()
+        block = self.fh.read(BLOCK_BYTES)
+        end = block.rfind(b"\n") + 1
+        while not end and len(block) <= self.max_line_bytes and (more := self.fh.read(len(block))):
+            newline = more.rfind(b"\n")
+            end = len(block) + newline + 1 if newline >= 0 else 0
+            block += more
+        return start, block, end
+
+    def fast(self, lines: list[bytes]) -> BlockStats | None:
+        fmt = self.v.report.format
+        if fmt is None:
+            return None
+        if self.checker is None:
+            self.checker = FastChecker(fmt)
+        try:
+            return self.checker.lines(lines)
+        except Reject:
+            return None
+
+    def block(self, first: int, block: bytes, lines: list[bytes], newline: bool) -> None:
+        if NUL_ESCAPE not in block and max(map(len, lines)) <= self.max_line_bytes:
+            stats = self.fast(list(filter(None, lines)))  # empty lines are blank: skipped
+            if stats is not None:
+                self.v.report.add_block(stats)
+                return
+        last = first + len(lines) - 1
+        misses = 0  # fast tries refused in a row: past FAST_MISSES, this block is all detail
+        for n, raw in enumerate(lines, first):
+            if self.v.full:
+                return
+            if len(raw) > self.max_line_bytes:
+                _long_line(self.v, n, self.max_line_bytes)
+                continue
+            if misses < FAST_MISSES and raw and NUL_ESCAPE not in raw:
+                if (stats := self.fast([raw])) is not None:
+                    self.v.report.add_block(stats)
+                    misses = 0
+                    continue
+                misses += 1
+            if (text := _line_text(self.v, n, raw)) is not None:
+                # with its newline, as the detailed scan reads it (JSON error columns depend on it)
+                self.v.json_line(n, text + "\n" if newline or n < last else text)
 
 
 class _CsvFeed:
@@ -419,9 +611,10 @@ def _scan_csv(lines: Iterator[tuple[int, str]], v: Validator, limit: int, sniffe
 
 
 def validate_file(path: Path, kind: str, *, max_line_bytes: int, max_errors: int = 20,
-                  sniffed: bool = False) -> Report:
+                  sniffed: bool = False, fast: bool = True) -> Report:
     """Check a whole JSONL/CSV file line by line. Errors (with line numbers) land in the report;
-    scanning stops after `max_errors`. `sniffed`: the kind was guessed from the content."""
+    scanning stops after `max_errors`. `sniffed`: the kind was guessed from the content.
+    `fast=False` checks every JSONL line in detail (the reference the fast scan must match)."""
     v = Validator(kind, max_errors)
     with open(path, "rb") as fh:
         head = fh.read(2)
@@ -431,11 +624,12 @@ def validate_file(path: Path, kind: str, *, max_line_bytes: int, max_errors: int
                 raise _Fatal(1, "the file is empty")
             if head in (b"\xff\xfe", b"\xfe\xff"):
                 raise _Fatal(1, "the file is UTF-16 encoded; save it as UTF-8")
-            lines = _physical_lines(fh, v, max_line_bytes)
             if kind == "csv":
-                _scan_csv(lines, v, max_line_bytes, sniffed)
+                _scan_csv(_physical_lines(fh, v, max_line_bytes), v, max_line_bytes, sniffed)
+            elif fast:
+                _FastScan(fh, v, max_line_bytes).run()
             else:
-                _scan_jsonl(lines, v)
+                _scan_jsonl(_physical_lines(fh, v, max_line_bytes), v)
         except _Fatal as e:
             v.error(e.line, e.message)
     v.report.truncated = v.full

@@ -31,6 +31,21 @@ class Example:
 
 
 @dataclass
+class Pair:
+    """A preference pair: the prompt + preferred answer, the prompt + non-preferred answer; labels mark
+    the answer's tokens only."""
+
+    chosen: Example
+    rejected: Example
+    reference: tuple[float, float] | None = None  # the reference model's log-probs of both (`ml.training.dpo`)
+
+    @property
+    def length(self) -> int:
+        """The padded width the pair needs (its rows are batched together)."""
+        return max(len(self.chosen.input_ids), len(self.rejected.input_ids))
+
+
+@dataclass
 class Encoded:
     examples: list[Example]
     skipped: int = 0  # nothing left to learn from after truncation
@@ -91,6 +106,8 @@ def token_lengths(
 ) -> list[int]:
     """Lengths of the training examples `encode` makes of these records (no labels needed): what a
     job trains on, for estimates."""
+    if task is Task.causal_lm and records and "chosen" in records[0]:  # a DPO pair trains on both sequences
+        return [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in encode_pairs(records, tok, max_len)[0]]
     if task is Task.causal_lm:
         return [len(e.input_ids) for e in _encode_causal(records, tok, max_len).examples]
     mlm = task is Task.masked_lm
@@ -149,3 +166,28 @@ def _encode_plain_text(texts: list[str], tok: PreTrainedTokenizerBase, max_len: 
             if len(chunk) > 1:
                 examples.append(Example(chunk, list(chunk)))
     return examples
+
+
+def encode_pairs(records: list[dict[str, Any]], tok: PreTrainedTokenizerBase, max_len: int) -> tuple[list[Pair], int]:
+    """Preference records (`ml.data.formats`) -> (pairs, pairs skipped: an answer with no token left)."""
+    pairs: list[Pair] = []
+    for rec in records:
+        chosen = _encode_answer(rec["messages"], rec["chosen"], tok, max_len)
+        rejected = _encode_answer(rec["messages"], rec["rejected"], tok, max_len)
+        if chosen is not None and rejected is not None:
+            pairs.append(Pair(chosen, rejected))
+    return pairs, len(records) - len(pairs)
+
+
+def _encode_answer(
+    prompt: list[dict[str, Any]], answer: str, tok: PreTrainedTokenizerBase, max_len: int
+) -> Example | None:
+    """The prompt's turns (none learned) + the answer as the learned assistant turn, with the chat
+    template (`ml.data.chat`). Too long: the prompt loses its oldest tokens first, then the answer its end."""
+    turns = [{**m, "weight": 0} for m in prompt] + [{"role": "assistant", "content": answer, "weight": 1}]
+    ids, mask = assistant_spans(tok, turns)
+    first = mask.index(1) if 1 in mask else len(ids)
+    cut = min(max(0, len(ids) - max_len), first)
+    ids, mask = ids[cut:][:max_len], mask[cut:][:max_len]
+    labels = [i if m else IGNORE for i, m in zip(ids, mask, strict=True)]
+    return Example(ids, labels) if any(label != IGNORE for label in labels[1:]) else None

@@ -1,6 +1,9 @@
 """Dynamic batching: one asyncio queue per lane (a base + adapter family, or one full model) and
-a batcher task that collects up to `max_batch_size` items or waits `max_wait_ms` after the
-first, then runs the batch on the single model thread."""
+a batcher task that runs batches of up to `max_batch_size` items on the single model thread.
+
+An idle lane dispatches its first item at once, with whatever else is already queued: batching never
+delays a request. Items that arrive while a batch runs queue up and go together in the next one. Only
+`max_wait_s > 0` (an opt-in coalescing window) makes a lane wait for more after the first item."""
 
 from __future__ import annotations
 
@@ -38,11 +41,24 @@ class GenerateItem:
 Item = PredictItem | GenerateItem
 
 
+@dataclass
+class LaneStats:
+    """The batcher's own counters: `immediate` batches left without waiting for more items,
+    `waited` ones waited out the coalescing window; `coalesced` items joined a batch already queued."""
+
+    batches: int = 0
+    items: int = 0
+    immediate: int = 0
+    waited: int = 0
+    coalesced: int = 0
+
+
 class Lane:
     def __init__(self, key: Hashable, run: Callable[[list[Item]], None], executor: Executor,
-                 max_batch: int, max_wait_s: float) -> None:
+                 max_batch: int, max_wait_s: float = 0.0) -> None:
         self.key = key
         self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.stats = LaneStats()
         self._run = run
         self._executor = executor
         self._max_batch = max(1, max_batch)
@@ -61,16 +77,27 @@ class Lane:
 
     async def _collect(self, loop: asyncio.AbstractEventLoop) -> list[Item]:
         batch = [await self.queue.get()]
-        deadline = loop.time() + self._max_wait
-        while len(batch) < self._max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except TimeoutError:
-                break
+        self._drain(batch)
+        waited = False
+        if self._max_wait > 0:
+            deadline = loop.time() + self._max_wait
+            while len(batch) < self._max_batch and (remaining := deadline - loop.time()) > 0:
+                waited = True
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except TimeoutError:
+                    break
+                self._drain(batch)
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.coalesced += len(batch) - 1
+        if waited:
+            self.stats.waited += 1
+        else:
+            self.stats.immediate += 1
         return batch
+
+    def _drain(self, batch: list[Item]) -> None:
+        """What is already queued (it arrived while the previous batch ran) joins without waiting."""
+        while len(batch) < self._max_batch and not self.queue.empty():
+            batch.append(self.queue.get_nowait())

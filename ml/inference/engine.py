@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import threading
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Hashable
+from collections.abc import AsyncGenerator, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,7 @@ import torch
 
 from ml.errors import InputError, MLError, ModelLoadError
 from ml.inference import generation, loading, predict
-from ml.inference.batcher import GenerateItem, Item, Lane, PredictItem
+from ml.inference.batcher import GenerateItem, Item, Lane, LaneStats, PredictItem
 from ml.inference.cache import AdapterEntry, FullEntry, ModelCache
 from ml.inference.loading import BaseResolver, ModelMeta
 from ml.inference.predict import PredRow
@@ -29,6 +29,7 @@ from ml.inference.sampling import GenEvent, RowDecoder, RowParams
 from ml.inference.types import ModelRef
 from ml.modeling import pick_device
 
+INLINE_ENCODE_CHARS = 2000  # inputs this short are tokenized on the caller's loop
 EventQueue = asyncio.Queue[tuple[int, GenEvent | BaseException]]
 
 
@@ -41,7 +42,7 @@ class DirStore(Protocol):
 @dataclass(frozen=True)
 class EngineConfig:
     max_batch_size: int = 32
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0  # > 0: an opt-in coalescing window (delays lone requests); see batcher
     max_adapters: int = 32
     max_bases: int = 2
     max_full_models: int = 2
@@ -122,7 +123,12 @@ class Engine:
                 param=param, code="input_too_long")
 
     async def encode(self, meta: ModelMeta, texts: list[str], param: str = "input") -> list[list[int]]:
-        ids = await asyncio.to_thread(lambda: [meta.tok.encode(t) for t in texts])
+        def run() -> list[list[int]]:
+            return [meta.tok.encode(t) for t in texts]
+
+        # A few sentences tokenize in tens of microseconds: less than a hop to a helper thread and back.
+        short = sum(len(t) for t in texts) <= INLINE_ENCODE_CHARS
+        ids = run() if short else await asyncio.to_thread(run)
         for i, row in enumerate(ids):
             self.check_length(meta, row, i, param)
         return ids
@@ -132,8 +138,8 @@ class Engine:
     async def predict(self, meta: ModelMeta, rows: list[list[int]], top_k: int = 5) -> list[dict[str, Any]]:
         caller = asyncio.get_running_loop()
         futures = [caller.create_future() for _ in rows]
-        for ids, fut in zip(rows, futures, strict=True):
-            self._submit(PredictItem(meta, ids, top_k, _deliver_to(caller, fut)))
+        self._submit([PredictItem(meta, ids, top_k, _deliver_to(caller, fut))
+                      for ids, fut in zip(rows, futures, strict=True)])
         return list(await asyncio.gather(*futures))
 
     async def generate(self, meta: ModelMeta, rows: list[tuple[list[int], RowParams]]
@@ -142,8 +148,7 @@ class Engine:
         caller = asyncio.get_running_loop()
         events: EventQueue = asyncio.Queue()
         items = [self._gen_item(meta, i, ids, params, caller, events) for i, (ids, params) in enumerate(rows)]
-        for item in items:
-            self._submit(item)
+        self._submit(items)
         remaining = len(items)
         try:
             while remaining:
@@ -165,16 +170,26 @@ class Engine:
 
         return GenerateItem(meta, ids, params, sink=put, deliver=put)
 
-    def _submit(self, item: Item) -> None:
-        self._engine_loop().call_soon_threadsafe(self._enqueue, item)
+    def _submit(self, items: Sequence[Item]) -> None:
+        """A request's rows in one hop: they reach their lane together, so they batch together."""
+        self._engine_loop().call_soon_threadsafe(self._enqueue, items)
 
-    def _enqueue(self, item: Item) -> None:
-        key = _lane_key(item.meta)
-        lane = self._lanes.get(key)
-        if lane is None:
-            lane = self._lanes[key] = Lane(key, self._run_batch, self._model_thread,
-                                           self.config.max_batch_size, self.config.max_wait_ms / 1000)
-        lane.queue.put_nowait(item)
+    def _enqueue(self, items: Sequence[Item]) -> None:
+        for item in items:
+            key = _lane_key(item.meta)
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = Lane(key, self._run_batch, self._model_thread,
+                                               self.config.max_batch_size, self.config.max_wait_ms / 1000)
+            lane.queue.put_nowait(item)
+
+    def lane_stats(self) -> LaneStats:
+        """The batchers' counters, summed over lanes."""
+        total = LaneStats()
+        for lane in list(self._lanes.values()):
+            for name, value in vars(lane.stats).items():
+                setattr(total, name, getattr(total, name) + value)
+        return total
 
     def _engine_loop(self) -> asyncio.AbstractEventLoop:
         with self._lock:
@@ -199,7 +214,7 @@ class Engine:
         return await asyncio.wrap_future(self._model_thread.submit(self.cache.evict, storage_key))
 
     def stats(self) -> dict[str, Any]:
-        return {**self.cache.snapshot(), "batches": len(self.batches)}
+        return {**self.cache.snapshot(), "batches": len(self.batches), "batcher": vars(self.lane_stats())}
 
     def close(self) -> None:
         loop = self._loop

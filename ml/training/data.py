@@ -18,12 +18,12 @@ from transformers import PreTrainedTokenizerBase
 from ml.config import Hooks, Task
 from ml.data.cleaning import CleaningOptions, clean_records
 from ml.data.formats import iter_records
-from ml.data.tokens import IGNORE, Encoded, Example, encode, token_lengths
+from ml.data.tokens import IGNORE, Encoded, Example, Pair, encode, encode_pairs, token_lengths
 from ml.errors import InputError, TrainingDataError
 
 __all__ = [  # the tokenization names are re-exported: the recipe reads everything as `D.`
-    "IGNORE", "Collator", "Encoded", "Example", "check_labels", "encode", "epoch_batches", "eval_batches",
-    "hash_seed", "label_names_from", "read_records", "token_lengths",
+    "IGNORE", "Collator", "Encoded", "Example", "Pair", "check_labels", "encode", "encode_pairs", "epoch_batches",
+    "eval_batches", "hash_seed", "label_names_from", "read_records", "token_lengths",
 ]
 
 GROUP_CHUNK = 50  # batches per length-sorted chunk

@@ -6,7 +6,9 @@ import math
 
 import numpy as np
 
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "precision", "recall"}
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "precision", "recall",
+                    # DPO (`ml.training.dpo`)
+                    "reward_accuracy", "reward_margin", "chosen_reward", "preference_accuracy", "logp_margin"}
 RECALL_PREFIX = "recall_"  # per-class recall: `recall_<label name>`
 
 

@@ -11,8 +11,8 @@ segment whose labels are all ignored. Loss per example is therefore that of the 
 
 On CPU a block-diagonal mask costs a full row x row attention matrix (and no causal skipping), which
 cancels what packing saves. So CPU workers train packed rows with `PACKED_ATTENTION`: causal sdpa per
-example, the same result without the masked-out blocks (measured ~1.4x faster attention than the mask
-on tiny-lm); a batch that is not packed (evaluation) goes to plain sdpa with the usual mask. GPUs keep
+example, the same result without the masked-out blocks (packed tiny-lm steps ran ~1.4x faster than
+with the mask); a batch that is not packed (evaluation) goes to plain sdpa with the usual mask. GPUs keep
 transformers' mask (one fused kernel per layer rather than one launch per example).
 """
 

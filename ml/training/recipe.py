@@ -29,6 +29,7 @@ from ml.checkpoint import CheckpointInfo, adapter_kind, has_info, is_adapter_dir
 from ml.config import (
     Hooks,
     Interrupt,
+    Method,
     RecipeConfig,
     Task,
     TrainingKind,
@@ -55,6 +56,7 @@ from ml.modeling import (
 )
 from ml.models.base import LocalBase
 from ml.training import data as D
+from ml.training import dpo
 from ml.training.losses import loss_sum
 from ml.training.metrics import improved
 from ml.training.packing import PACKED_KEY, PackedCollator, use_packed_attention
@@ -82,6 +84,7 @@ class Progress:
     last_loss: float | None = None
     last_lr: float = 0.0
     eval_metrics: dict[str, float] = field(default_factory=dict)
+    log_stats: dict[str, float] = field(default_factory=dict)  # DPO: per-pair stat sums of the window
     loop_seconds: float = 0.0  # wall time spent in `train()`, for `max_train_seconds`
 
 
@@ -90,6 +93,7 @@ class StepResult:
     loss: float
     tokens: int
     lr: float
+    stats: dict[str, float] = field(default_factory=dict)  # DPO: per-pair stat sums (`dpo.StepStats`)
 
 
 @dataclass
@@ -147,6 +151,10 @@ class TrainingRecipe:
         self.task = Task(cfg.task)
         self.kind = TrainingKind(cfg.training_type.type)
         self.progress = Progress()
+        self.dpo = dpo.Objective(cfg.beta) if cfg.method is Method.dpo else None
+        self.train_set: list[Any] = []  # `D.Example`s, or DPO's `D.Pair`s
+        self.valid_set: list[Any] = []
+        self.collator: D.Collator | dpo.PairCollator
         self.label_names: list[str] | None = None
         self._step_rng: RngState | None = None
         self._resume_rng: RngState | None = None
@@ -171,6 +179,7 @@ class TrainingRecipe:
         self._build_optimizer()
         if self.resume_dir is not None:
             self._restore(state_dir(self.resume_dir))
+        self._prepare_reference()
         self._announce()
 
     def _read_records(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -231,6 +240,9 @@ class TrainingRecipe:
         return max(8, min(self.cfg.max_seq_length, int(limit) - virtual))
 
     def _encode(self, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> None:
+        if self.dpo is not None:
+            self._encode_pairs(train, valid)
+            return
         decoder = self.spec.architecture == "decoder"
         args = (self.task, self.tokenizer, self._max_len(), self.label_names, decoder)
         encoded = D.encode(train, *args)
@@ -243,11 +255,49 @@ class TrainingRecipe:
         self.collator = D.Collator(self.task, self.tokenizer, pad_left, self.cfg.seed)
         self.train_lengths = [len(e.input_ids) for e in self.train_set]
         self._plan_packing()
+        self._plan_steps()
+
+    def _plan_steps(self) -> None:
         n_micro = len(D.epoch_batches(self.train_lengths, self.cfg.batch_size, self.cfg.seed, 0))
         self.steps_per_epoch = math.ceil(n_micro / max(1, self.cfg.gradient_accumulation_steps))
         self.total_steps = self.steps_per_epoch * self.cfg.n_epochs
         if self.cfg.max_steps is not None:
             self.total_steps = max(1, min(self.total_steps, self.cfg.max_steps))
+
+    def _encode_pairs(self, train: list[dict[str, Any]], valid: list[dict[str, Any]]) -> None:
+        """DPO: the examples are preference pairs (`ml.data.tokens.Pair`), batched as pairs."""
+        if self.task is not Task.causal_lm or self.cfg.packing:
+            raise InputError("DPO trains causal_lm jobs without packing", param="method")
+        self.train_set, self.skipped = D.encode_pairs(train, self.tokenizer, self._max_len())
+        if not self.train_set:
+            raise TrainingDataError("no usable preference pairs after tokenization (check max_seq_length)")
+        self.valid_set = D.encode_pairs(valid, self.tokenizer, self._max_len())[0] if valid else []
+        pad_left = self.tokenizer.padding_side == "left"
+        self.collator = dpo.PairCollator(D.Collator(self.task, self.tokenizer, pad_left, self.cfg.seed))
+        self.train_lengths = [p.length for p in self.train_set]
+        self._plan_packing()  # off: refused above
+        self._plan_steps()
+
+    def _prepare_reference(self) -> None:
+        """DPO: the reference log-probs of every pair, before the first step (`ml.training.dpo.Reference`)."""
+        if self.dpo is None:
+            return
+        fresh_adapter = self.kind in ADAPTER_KINDS and (self.init_dir is None or not is_adapter_dir(self.init_dir))
+        self.reference = dpo.Reference(adapter_disabled=fresh_adapter)
+        resume = state_dir(self.resume_dir) if self.resume_dir is not None else None
+        self.reference.prepare(self.model, self._pair_sets(), self._reference_batches, self.device, resume)
+        source = "the base with the adapter disabled" if fresh_adapter else "the starting weights"
+        self.hooks.message(
+            f"DPO (beta {self.cfg.beta}) on {len(self.train_set)} preference pairs ({len(self.valid_set)} "
+            f"validation); reference log-probs from {source}", data={"method": "dpo", "beta": self.cfg.beta})
+
+    def _pair_sets(self) -> dict[str, list[Any]]:
+        return {"train": self.train_set, "valid": self.valid_set}
+
+    def _reference_batches(self, pairs: list[Any]) -> list[dict[str, torch.Tensor]]:
+        """The pairs in order (their scores are attached in order), `batch_size` at a time."""
+        size = self.cfg.batch_size
+        return [self.collator(pairs[i : i + size], (-2, i)) for i in range(0, len(pairs), size)]
 
     def _build_optimizer(self) -> None:
         named = trainable_parameters(self.model)
@@ -352,8 +402,9 @@ class TrainingRecipe:
         tt = self.cfg.training_type
         virtual = tt.num_virtual_tokens if self.kind is TrainingKind.prompt_tuning else 0
         targets = tuple(tt.lora_target_modules or self.spec.lora_target_modules)
+        pair_rows = 2 if self.dpo is not None else 1  # a DPO pair is two sequences
         return memory.Workload(
-            self.task, self.kind, rows=self.cfg.batch_size, seq_len=max(self.train_lengths),
+            self.task, self.kind, rows=self.cfg.batch_size * pair_rows, seq_len=max(self.train_lengths),
             precision=self.precision.name,  # type: ignore[arg-type]
             device=self.device.type, lora_r=tt.lora_r, lora_targets=targets, virtual_tokens=virtual,
             num_labels=len(self.label_names or []) or 1,
@@ -458,6 +509,8 @@ class TrainingRecipe:
             why = self.hooks.interrupted()
             if why is not None:
                 self.optimizer.zero_grad(set_to_none=True)
+                if self.dpo is not None:
+                    self.dpo.stats.reset()
                 return why
             loss = self._loss(batch) / total
             self._backward(loss)
@@ -465,15 +518,18 @@ class TrainingRecipe:
             tokens += int(batch["n_tokens"])
         lr = float(self.optimizer.param_groups[0]["lr"])
         self._optimizer_step()
-        return StepResult(loss_value, tokens, lr)
+        return StepResult(loss_value, tokens, lr, self.dpo.stats.take() if self.dpo is not None else {})
 
     def _collate(
-        self, examples: list[D.Example], idx: list[int], key: tuple[int, int]
+        self, examples: list[Any], idx: list[int], key: tuple[int, int]
     ) -> dict[str, torch.Tensor]:
         return self.collator([examples[i] for i in idx], key)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        if self.dpo is not None:
+            with self.precision.autocast():
+                return self.dpo.loss_sum(self.model, batch)
         with self.precision.autocast():
             packed = PACKED_KEY in batch
             logits = forward_packed(self.model, batch) if packed else forward_logits(self.model, batch, self.task)
@@ -506,6 +562,8 @@ class TrainingRecipe:
             p.log_steps + 1,
             p.log_tokens + res.tokens,
         )
+        for key, value in res.stats.items():
+            p.log_stats[key] = p.log_stats.get(key, 0.0) + value
         self.hooks.progress(p.step, self.total_steps, self._epoch_float(), p.trained_tokens)
         if p.step % max(1, self.cfg.log_every_steps) == 0:
             self._log()
@@ -529,9 +587,10 @@ class TrainingRecipe:
                 "lr": p.last_lr,
                 "tokens_per_second": p.log_tokens / max(self._train_seconds, 1e-9),
                 "epoch": self._epoch_float(),
+                **dpo.means(p.log_stats),
             },
         )
-        p.log_loss, p.log_steps, p.log_tokens = 0.0, 0, 0
+        p.log_loss, p.log_steps, p.log_tokens, p.log_stats = 0.0, 0, 0, {}
         self._train_seconds = 0.0
 
     # --- evaluation and early stopping --------------------------------------------------------
@@ -547,8 +606,11 @@ class TrainingRecipe:
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss + task metrics, reported through hooks. None if interrupted midway."""
         names = self.label_names
-        metrics = score(self.model, self.eval_batches(), self.task, self.device, len(names or []),
-                        self.hooks.interrupted, names)
+        if self.dpo is not None:
+            metrics = dpo.evaluate(self.model, self.eval_batches(), self.cfg.beta, self.device, self.hooks.interrupted)
+        else:
+            metrics = score(self.model, self.eval_batches(), self.task, self.device, len(names or []),
+                            self.hooks.interrupted, names)
         if metrics is not None:
             self.progress.last_eval_step, self.progress.eval_metrics = self.progress.step, metrics
             self.hooks.metrics(self.progress.step, metrics)
@@ -557,7 +619,7 @@ class TrainingRecipe:
     def eval_batches(self) -> list[Batch]:
         """The validation set as fixed batches (and MLM masks), so evaluations are comparable."""
         if self._eval_cache is None:
-            lengths = [len(e.input_ids) for e in self.valid_set]
+            lengths = [e.length if isinstance(e, D.Pair) else len(e.input_ids) for e in self.valid_set]
             plan = D.eval_batches(lengths, self.cfg.batch_size)
             self._eval_cache = [self._collate(self.valid_set, idx, (-1, i)) for i, idx in enumerate(plan)]
         return self._eval_cache
@@ -645,6 +707,8 @@ class TrainingRecipe:
         checkpoint.save(local_dir, self.model, self.tokenizer, info)
         if with_state:
             save_state(state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress), self.scaler)
+            if self.dpo is not None:
+                self.reference.save(state_dir(local_dir), self._pair_sets())
         return info
 
     def cleanup(self) -> None:

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import create_api_key, get_or_create_project
 from app.server import inference_command, worker_command
+
+if TYPE_CHECKING:
+    from tests.e2e.faults import ThrowawayPostgres, ThrowawayRedis
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST_LEASES = {"TUNEHOUSE_LEASE_SECONDS": "6", "TUNEHOUSE_HEARTBEAT_SECONDS": "1",
@@ -34,7 +37,8 @@ def free_port() -> int:
 def service_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(FAST_LEASES)
-    env.update({"PYTHONUNBUFFERED": "1", "TUNEHOUSE_LOG_JSON": "true", **extra})
+    env.update({"PYTHONUNBUFFERED": "1", "TUNEHOUSE_LOG_JSON": "true",
+                "TUNEHOUSE_INTERNAL_TOKEN": "e2e-internal-token", **extra})  # the API's and inference worker's
     return env
 
 
@@ -133,3 +137,38 @@ def _flush_broker() -> None:
         import redis
 
         redis.Redis.from_url(url).flushdb()
+
+
+# --- throwaway services for fault injection (tests/e2e/faults.py): safe to kill -9 and restart ---
+
+def _need_fault_binaries() -> None:
+    from tests.e2e.faults import missing_binaries
+
+    if missing := missing_binaries():
+        message = f"fault-injection tests need {', '.join(missing)} (scripts/test.sh installs them)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def throwaway_postgres() -> Iterator[ThrowawayPostgres]:
+    """A private Postgres cluster (initdb once per session) on a free port."""
+    from tests.e2e.faults import make_postgres
+
+    _need_fault_binaries()
+    pg = make_postgres()
+    yield pg
+    pg.close()
+
+
+@pytest.fixture
+def throwaway_redis(tmp_path: Path) -> Iterator[ThrowawayRedis]:
+    """A private, non-persistent redis-server on a free port: a restart comes back empty."""
+    from tests.e2e.faults import ThrowawayRedis
+
+    _need_fault_binaries()
+    server = ThrowawayRedis(tmp_path / "redis.log")
+    server.start()
+    yield server
+    server.kill9()

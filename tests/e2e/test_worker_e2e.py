@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -125,6 +127,12 @@ def test_kill_9_worker_resumes_from_checkpoint(live_server: str, api_key: str, t
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job_id, limit=200)]
     assert any("re-queued" in m for m in messages)
     assert any("attempt 2" in m and "resuming from checkpoint" in m for m in messages)
+    # One history across the kill: each step once in the result CSV; metric events say their attempt.
+    content = client.files.content(job.result_files[0]).text
+    steps = [int(r["step"]) for r in csv.DictReader(io.StringIO(content))]
+    assert steps == list(range(1, job.progress["step"] + 1))
+    events = client.fine_tuning.jobs.list_events(job_id, limit=1000)
+    assert {e.data["attempt"] for e in events if e.type == "metrics"} == {1, 2}
 
 
 def test_cancel_stops_running_job_and_duplicates_do_nothing(live_server: str, api_key: str, tmp_path: Path,

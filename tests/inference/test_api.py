@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from app.kit.db import utcnow
+from app.kit.hotcache import bump_after_commit
 from app.orm import FineTunedModel, Project
 from ml.inference.engine import Engine
 from tests.inference import artifacts
@@ -203,6 +204,7 @@ def test_deleted_model_stops_serving_and_is_evicted(project_client: Client, db: 
     row = db.get(FineTunedModel, name)
     assert row is not None
     row.deleted_at = utcnow()
+    bump_after_commit(db)  # as app.models_registry.service.delete_model does: resolutions are cached
     db.commit()
     _error(client.post("/v1/predictions", json={"model": name, "input": "x"}), 404, "model_not_found")
     assert key not in engine.cache.adapters

@@ -1,9 +1,11 @@
 """Split mode: with an inference URL set, the API resolves the model itself and forwards the
-resolved request to a real `worker/inference_server.py` (uvicorn on a free port)."""
+resolved request to a real `worker/inference_server.py` (uvicorn on a free port), which takes only
+calls bearing the shared internal token."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -23,6 +25,8 @@ from tests.inference.artifacts import DECODER, ENCODER, LABELS, register
 from tests.inference.conftest import Artifacts
 from worker import inference_server
 
+TOKEN = "internal-secret-for-tests"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -33,7 +37,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def worker_url(engine: Engine) -> Iterator[str]:
     port = _free_port()
-    app = inference_server.create_app(engine)
+    app = inference_server.create_app(engine, internal_token=TOKEN)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            lifespan="off"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -54,6 +58,7 @@ def worker_url(engine: Engine) -> Iterator[str]:
 def remote(monkeypatch: pytest.MonkeyPatch, worker_url: str, app: FastAPI) -> str:
     """The API as it runs in production: no engine of its own, requests forwarded to the worker."""
     monkeypatch.setattr(get_settings(), "inference_url", worker_url)
+    monkeypatch.setattr(get_settings(), "internal_token", TOKEN)
     app.state.inference = None
     return worker_url
 
@@ -87,5 +92,58 @@ def test_worker_errors_are_relayed_and_resolution_stays_in_the_api(
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "input_too_long"
     resp = client.post("/v1/predictions", json={"model": "ft:x:y:z:ftjob-none", "input": "x"})
     assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"
-    stats = httpx.get(f"{remote}/internal/v1/stats").json()
+    stats = httpx.get(f"{remote}/internal/v1/stats", headers={"Authorization": f"Bearer {TOKEN}"}).json()
     assert arts.lm_lora in stats["adapters"]
+
+
+def test_internal_calls_need_the_shared_token(remote: str) -> None:
+    body = {"ref": {}, "request": {}}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": "Bearer"}):
+        for method, path in (("GET", "/stats"), ("POST", "/predictions"), ("POST", "/evict")):
+            r = httpx.request(method, f"{remote}/internal/v1{path}", headers=headers, json=body)
+            assert r.status_code == 401, (headers, path, r.text)
+            assert r.json()["error"]["code"] == "invalid_internal_token"
+    assert httpx.get(f"{remote}/healthz").status_code == 200  # the container healthcheck needs no token
+
+
+def test_a_worker_without_a_token_refuses_everything(engine: Engine) -> None:
+    app = inference_server.create_app(engine, internal_token="")
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer"}, {"Authorization": "Bearer x"}):
+            assert c.get("/internal/v1/stats", headers=headers).status_code == 401
+
+
+def test_a_wrong_token_on_the_api_side_is_a_503_for_the_user(
+        remote: str, monkeypatch: pytest.MonkeyPatch, project_client: tuple[TestClient, Project], db: Session,
+        arts: Artifacts) -> None:
+    client, project = project_client
+    cls, _ = register(db, project, arts.cls_a, task="classification", base=ENCODER, labels=LABELS)
+    db.commit()
+    monkeypatch.setattr(get_settings(), "internal_token", "not-the-workers")
+    r = client.post("/v1/predictions", json={"model": cls, "input": "good"})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "inference_unavailable"
+    assert "TUNEHOUSE_INTERNAL_TOKEN" in r.json()["error"]["message"]
+
+
+def test_the_worker_will_not_start_without_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "internal_token", "")
+    with pytest.raises(SystemExit) as exc:
+        inference_server.main(["--port", "1"])
+    assert exc.value.code == 2
+
+
+def test_embedded_mode_gives_its_inference_worker_a_fresh_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.server import embedded_children
+    from app.settings import Settings
+
+    monkeypatch.delenv("TUNEHOUSE_INFERENCE_URL", raising=False)
+    monkeypatch.delenv("TUNEHOUSE_INTERNAL_TOKEN", raising=False)
+    first, second = Settings(inference_url="", internal_token=""), Settings(inference_url="", internal_token="")
+    assert any("worker.inference_server" in cmd for cmd in embedded_children(first))
+    token = os.environ["TUNEHOUSE_INTERNAL_TOKEN"]  # what the supervised children inherit
+    assert first.internal_token == token and len(token) >= 32
+    embedded_children(second)
+    assert second.internal_token != token  # one per start, never a built-in default
+    kept = Settings(inference_url="", internal_token="configured")
+    embedded_children(kept)
+    assert kept.internal_token == "configured"

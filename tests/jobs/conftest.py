@@ -13,3 +13,13 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def empty_training_queue() -> Iterator[None]:
+    """The training queue holds no claim tokens (other tests send theirs), before and after."""
+    from app.jobs.queue import purge_training_queue
+
+    purge_training_queue()
+    yield
+    purge_training_queue()

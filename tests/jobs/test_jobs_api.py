@@ -71,10 +71,14 @@ def test_method_hyperparameters_and_extensions(client: TestClient, cls_file: str
     ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps"),
     ({"max_steps": 0}, "max_steps"),
     ({"max_train_seconds": 0}, "max_train_seconds"),
+    ({"checkpoint_every_steps": 1_000_001}, "checkpoint_every_steps"),
+    ({"checkpoint_every_steps": 10**30}, "checkpoint_every_steps"),
+    ({"eval_every_steps": 10**12}, "eval_every_steps"),
+    ({"cleaning": {"max_chars": 10**19}}, "cleaning.max_chars"),
     ({"max_seq_length": 4096}, "max_seq_length"),
     ({"suffix": "has spaces!"}, "suffix"),
     ({"seed": -3}, "seed"),
-    ({"method": {"type": "dpo"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.type"),
     ({"unknown_field": 1}, "unknown_field"),
     ({"early_stopping": {"patience": 2}}, "early_stopping"),
     ({"metadata": {str(i): "x" for i in range(17)}}, "metadata"),
@@ -87,6 +91,13 @@ def test_invalid_specs_are_clear_400s(client: TestClient, chat_file: str, body: 
     err = r.json()["error"]
     assert err["param"] == param, err
     assert err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_cadences_up_to_their_bound_are_accepted(client: TestClient, chat_file: str) -> None:
+    r = _create(client, model="tiny-lm", training_file=chat_file, checkpoint_every_steps=1_000_000,
+                eval_every_steps=1_000_000)
+    assert r.status_code == 200, r.text
+    assert r.json()["config"]["checkpoint_every_steps"] == 1_000_000
 
 
 def test_task_model_mismatch(client: TestClient, cls_file: str) -> None:

@@ -11,9 +11,10 @@ from app.kit import ids
 from app.orm import File, Job
 
 
-def committed_job(factory: sessionmaker[Session], status: str = "queued", **kw: Any) -> str:
+def committed_job(factory: sessionmaker[Session], status: str = "queued", project_name: str = "worker-tests",
+                  **kw: Any) -> str:
     with factory() as s:
-        project = get_or_create_project(s, "worker-tests")
+        project = get_or_create_project(s, project_name)
         create_api_key(s, project)
         f = File(id=ids.file_id(), project_id=project.id, purpose="fine-tune", filename="x.jsonl", bytes=1,
                  format="text", rows=1, storage_key="files/x.jsonl", stats={})

@@ -1,4 +1,5 @@
-"""Prometheus /metrics: latency by route template, jobs by status, queue depth, tokens/s, CPU."""
+"""Prometheus /metrics: latency by route template, jobs by status, queue depth, tokens/s, CPU; only for
+the operator token (off without one, unless made public)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,13 @@ from app.orm import Job, Project
 from app.settings import get_settings
 from tests.jobs.factories import make_file
 
+OPERATOR = "operator-secret-for-tests"
+
 
 @pytest.fixture
-def metrics_client(app: FastAPI, client: TestClient) -> TestClient:
+def metrics_client(app: FastAPI, client: TestClient, monkeypatch: pytest.MonkeyPatch) -> TestClient:
+    monkeypatch.setattr(get_settings(), "operator_token", OPERATOR)
+    monkeypatch.setattr(get_settings(), "metrics_public", False)
     install_metrics(app)
     return client
 
@@ -45,7 +50,7 @@ def _sample(text: str, name: str, **labels: str) -> float | None:
 
 
 def _scrape(c: TestClient) -> str:
-    r = c.get("/metrics")
+    r = c.get("/metrics", headers={"Authorization": f"Bearer {OPERATOR}"})
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
     return r.text
@@ -121,3 +126,23 @@ def test_queue_depth(metrics_client: TestClient) -> None:
     finally:
         r.lrem("default", 0, marker)
     assert depth is not None and depth >= base + 2
+
+
+def test_metrics_need_the_operator_token(metrics_client: TestClient) -> None:
+    """An API key (any project's) is not enough: the counts span every project."""
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": OPERATOR}):
+        r = metrics_client.get("/metrics", headers=headers)
+        assert r.status_code == 401, headers
+        assert r.json()["error"]["code"] == "invalid_operator_token"
+        assert r.headers["www-authenticate"] == "Bearer"
+    assert metrics_client.get("/metrics").status_code == 401  # the client's own API key
+
+
+def test_metrics_are_off_without_a_token_unless_public(metrics_client: TestClient,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "operator_token", "")
+    r = metrics_client.get("/metrics", headers={"Authorization": "Bearer anything"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    monkeypatch.setattr(get_settings(), "metrics_public", True)
+    r = metrics_client.get("/metrics", headers={"Authorization": ""})
+    assert r.status_code == 200 and "tunehouse_jobs" in r.text

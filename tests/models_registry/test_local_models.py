@@ -50,6 +50,7 @@ def test_add_lists_and_serves_the_spec(model_dir: Path, client: TestClient) -> N
     spec = get_spec("my-lm")
     assert spec.source == f"path:{model_dir.resolve()}" and spec.max_seq_length == 128
     assert spec.lora_target_modules == ["q_proj", "v_proj"] and local_base("my-lm").path == model_dir.resolve()
+    assert "qlora" in spec.training_types  # a decoder: QLoRA offered (CUDA workers run it)
     listed = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert listed["my-lm"]["kind"] == "base" and "causal_lm" in listed["my-lm"]["tasks"]
     assert _cli("remove", "my-lm")[0] == 0

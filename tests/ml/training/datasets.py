@@ -83,3 +83,18 @@ def text_rows(n: int = 24, seed: int = 8) -> list[dict[str, Any]]:
         {"text": f"The {t} is {COLORS[t]} and the {u} is {COLORS[u]}."}
         for t, u in (r.sample(sorted(COLORS), 2) for _ in range(n))
     ]
+
+
+def preference_rows(n: int = 24, seed: int = 9) -> list[dict[str, Any]]:
+    """OpenAI DPO records: a color question, preferred = the answer, non-preferred = a brush-off."""
+    r = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        thing = r.choice(sorted(COLORS))
+        rows.append({
+            "input": {"messages": [{"role": "user", "content": f"What color is the {thing}?"}]},
+            "preferred_output": [{"role": "assistant", "content": f"The {thing} is {COLORS[thing]}."}],
+            "non_preferred_output": [{"role": "assistant",
+                                      "content": r.choice(["No idea.", "Ask someone else.", "Whatever."])}],
+        })
+    return rows
