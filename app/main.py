@@ -24,6 +24,7 @@ from app.settings import Settings, get_settings
 from app.tenancy.ratelimit import install_rate_limit_headers
 from app.tenancy.router import router as tenancy_router
 from app.tenancy.service import flush_metered_usage
+from app.ui.router import install_ui
 
 
 @asynccontextmanager
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(models_router, prefix="/v1")
     app.include_router(inference_router, prefix="/v1")
     app.include_router(tenancy_router, prefix="/v1")
+    install_ui(app)  # the web console at /ui
     document_api(app)
     app.add_middleware(RequestIdMiddleware)  # outermost: every response and log line has the id
     return app

@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     # whether a job fits and job creation refuses one that clearly does not. None -> unknown, not checked.
     worker_device_memory_bytes: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all
+    # Devices one training worker can give a job (`resources.devices`: processes under torchrun, one per
+    # GPU, or CPU processes over gloo). The API cannot count GPUs (it never imports torch): set this to
+    # the GPU count of the smallest GPU worker; 2 fits any CPU worker. Jobs asking more are refused.
+    worker_devices: int = Field(default=2, ge=1)
 
     # Inference runs in inference workers behind this URL; embedded `serve` starts one and sets it.
     inference_url: str = ""

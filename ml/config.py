@@ -61,6 +61,15 @@ class EarlyStopping(BaseModel):
     metric: str = "valid_loss"
 
 
+class Resources(BaseModel):
+    """What one attempt runs on: `devices` processes (one per GPU, or CPU processes over gloo) on
+    `nodes` machines. `auto` is data parallel (DDP) when devices > 1."""
+
+    devices: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+
+
 class RecipeConfig(BaseModel):
     """Fully resolved training config, stored on the job row (`jobs.config`)."""
 
@@ -96,6 +105,7 @@ class RecipeConfig(BaseModel):
     # Preference tuning: `batch_size` then counts pairs; `beta` scales the DPO loss's implicit reward.
     method: Method = Method.supervised
     beta: float = DEFAULT_DPO_BETA
+    resources: Resources = Field(default_factory=Resources)  # > 1 device: `ml.training.launch` under torchrun
 
 
 class Interrupt(StrEnum):

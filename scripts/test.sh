@@ -25,6 +25,14 @@ if ! command -v redis-server >/dev/null || ! compgen -G "/usr/lib/postgresql/*/b
     echo "redis-server or Postgres server binaries missing: tests/e2e/test_faults.py will not run" >&2
   fi
 fi
+# The console's browser test (tests/ui/test_console.py) drives Debian's chromium through its chromedriver.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null
+  else
+    echo "chromium or chromedriver missing: tests/ui/test_console.py will not run" >&2
+  fi
+fi
 python -m ruff check app ml worker tests bench
 python -m mypy app ml worker
 set +e

@@ -204,6 +204,8 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
                   data={"attempt": got.attempt, "resumed_from_step": latest.step if resume and latest else None,
                         "torch_threads": threads})
     workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=storage.staging_dir()))
+    if cfg.resources.devices > 1:
+        return _execute_group(got, hb, hooks, job, cfg, storage, workdir, resume, ft_name, threads)
     recipe = build_recipe(
         cfg, hooks, workdir=workdir, train_path=storage.local_file(cfg.training_file_key),
         valid_path=storage.local_file(cfg.validation_file_key) if cfg.validation_file_key else None,
@@ -224,6 +226,30 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
         return _succeed(got, hooks, storage, final, info, outcome, ft_name, report)
     finally:
         recipe.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _execute_group(got: Claim, hb: Heartbeat, hooks: JobHooks, job: Job, cfg: RecipeConfig, storage: Storage,
+                   workdir: Path, resume: Path | None, ft_name: str, threads: int) -> str:
+    """`resources.devices > 1`: the attempt runs as a torchrun group (`app.jobs.distributed`)."""
+    from app.jobs.distributed import GroupDied, Inputs, requeue, run_group
+    from ml.checkpoint import read_info
+
+    inputs = Inputs(
+        train_path=storage.local_file(cfg.training_file_key),
+        valid_path=storage.local_file(cfg.validation_file_key) if cfg.validation_file_key else None,
+        resume_dir=resume, init_dir=storage.local_dir(cfg.init_checkpoint_key) if cfg.init_checkpoint_key else None,
+        validation_file=job.validation_file,
+    )
+    try:
+        result = run_group(cfg, hooks, hb, workdir, inputs, threads)
+        if result.final is None:
+            return _interrupted(got, result.outcome)
+        info = read_info(result.final)
+        return _succeed(got, hooks, storage, result.final, info, result.outcome, ft_name, result.report)
+    except GroupDied as exc:
+        return requeue(got, str(exc))
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 

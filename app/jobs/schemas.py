@@ -106,6 +106,17 @@ class TrainingTypeIn(BaseModel):
         return v
 
 
+class ResourcesIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    devices: int = Field(1, ge=1, le=1024, description="Training processes: one per GPU (CPU: gloo processes); "
+                                                      "at most what a worker advertises (TUNEHOUSE_WORKER_DEVICES).")
+    nodes: int = Field(1, ge=1, le=1024, description="Machines; only 1 is supported yet.")
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="auto or ddp: data parallel (every device holds the whole model); fsdp is not "
+                            "supported yet.")
+
+
 class EarlyStoppingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     patience: int = Field(3, ge=1, le=100, description="Evaluations without improvement before training stops.")
@@ -176,6 +187,9 @@ class JobCreate(BaseModel):
     gradient_checkpointing: bool | Auto = Field("auto", description="auto: on when the activations would "
                                                                     "not fit the worker's device otherwise")
     packing: bool = Field(False, description="causal_lm: pack several examples per row (batch_size counts rows)")
+    resources: ResourcesIn | None = Field(
+        None, description="Extension: devices (and later nodes) one attempt trains on; batch_size stays the "
+                          "global batch, split between the devices.")
 
     @field_validator("metadata")
     @classmethod
@@ -237,6 +251,9 @@ class JobOut(BaseModel):
     evaluation: dict[str, Any] | None = Field(
         None, description="Extension: the evaluation report (base vs fine-tuned) when a validation file was given.")
     started_at: int | None = Field(None, description="Extension: when training first started (Unix seconds).")
+    resources: dict[str, Any] = Field(
+        {"devices": 1, "nodes": 1, "strategy": "auto"},
+        description="Extension: devices, nodes and strategy the job trains with.")
 
 
 class EventOut(BaseModel):

@@ -20,7 +20,7 @@ from app.jobs import estimate, hyperparams, state
 from app.jobs.estimate import EstimateOut
 from app.jobs.events import add_event
 from app.jobs.queue import enqueue_job
-from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut
+from app.jobs.schemas import CheckpointOut, EventOut, JobCreate, JobOut, ResourcesIn
 from app.jobs.state import JobStatus
 from app.kit import ids
 from app.kit.db import utcnow
@@ -33,7 +33,16 @@ from app.orm import Checkpoint, File, Job, JobEvent, Project
 from app.settings import get_settings
 from app.tenancy.service import check_job_quota
 from app.webhooks.service import notify_terminal, validate_webhook_url
-from ml.config import DEFAULT_DPO_BETA, EarlyStopping, Method, RecipeConfig, Task, TrainingKind, TrainingTypeConfig
+from ml.config import (
+    DEFAULT_DPO_BETA,
+    EarlyStopping,
+    Method,
+    RecipeConfig,
+    Resources,
+    Task,
+    TrainingKind,
+    TrainingTypeConfig,
+)
 from ml.data.formats import TASK_FORMATS, Format
 from ml.memory import gib
 
@@ -206,12 +215,32 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
         init_checkpoint_key=init_key,
         cleaning=body.cleaning.model_dump() if body.cleaning else {},
         precision=body.precision, gradient_checkpointing=body.gradient_checkpointing, packing=body.packing,
-        method=method, beta=hp_in.get("beta", DEFAULT_DPO_BETA),
+        method=method, beta=hp_in.get("beta", DEFAULT_DPO_BETA), resources=_resources(body, tt.type, method),
     )
     hp_out = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
     if method is Method.dpo:
         hp_out["beta"] = cfg.beta
     return cfg, hp_out, seed
+
+
+def _resources(body: JobCreate, kind: TrainingKind, method: Method) -> Resources:
+    """What this slice of distributed training runs: one machine, data parallel (README "Distributed
+    training"). Refused up front when no worker could ever take it."""
+    res = body.resources or ResourcesIn()
+    if res.nodes > 1:
+        raise InvalidRequest("Multi-node training is not supported yet: resources.nodes must be 1.",
+                             param="resources.nodes", code="unsupported_resources")
+    if res.strategy == "fsdp":
+        raise InvalidRequest("The fsdp strategy is not supported yet: use auto or ddp.",
+                             param="resources.strategy", code="unsupported_resources")
+    limit = get_settings().worker_devices
+    if res.devices > limit:
+        raise InvalidRequest(f"resources.devices={res.devices}, but workers offer at most {limit} devices "
+                             "(TUNEHOUSE_WORKER_DEVICES).", param="resources.devices", code="unsupported_resources")
+    if res.devices > 1 and (method is Method.dpo or body.packing or kind is TrainingKind.qlora):
+        raise InvalidRequest("Multi-device training does not support DPO, packing or QLoRA yet.",
+                             param="resources.devices", code="unsupported_resources")
+    return Resources(devices=res.devices, nodes=res.nodes, strategy=res.strategy)
 
 
 def _check_memory_options(body: JobCreate, kind: TrainingKind, decoder: bool) -> None:
@@ -476,6 +505,7 @@ def to_out(session: Session, job: Job) -> JobOut:
         metadata=job.user_metadata, task=job.task, training_type=job.training_type, config=job.config,
         attempt=job.attempt, max_attempts=job.max_attempts, queue_position=queue_position(session, job),
         progress=job.progress or {}, evaluation=job.evaluation, started_at=_ts(job.started_at),
+        resources=Resources.model_validate((job.config or {}).get("resources") or {}).model_dump(),
     )
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,7 @@ from ml.modeling import (
 from ml.models.base import LocalBase
 from ml.training import data as D
 from ml.training import dpo
+from ml.training.distributed import World
 from ml.training.losses import loss_sum
 from ml.training.metrics import improved
 from ml.training.packing import PACKED_KEY, PackedCollator, use_packed_attention
@@ -64,6 +66,7 @@ from ml.training.precision import Precision
 from ml.training.state import RngState, capture_rng, load_state, restore_rng, save_state, seed_everything
 
 PROBLEM_TYPES = {Task.classification: "single_label_classification", Task.regression: "regression"}
+INTERRUPTS = [None, *Interrupt]  # broadcast between ranks by index
 
 
 @dataclass
@@ -151,6 +154,7 @@ class TrainingRecipe:
         self.task = Task(cfg.task)
         self.kind = TrainingKind(cfg.training_type.type)
         self.progress = Progress()
+        self.world = World.current()  # one process unless `ml.training.launch` started a group
         self.dpo = dpo.Objective(cfg.beta) if cfg.method is Method.dpo else None
         self.train_set: list[Any] = []  # `D.Example`s, or DPO's `D.Pair`s
         self.valid_set: list[Any] = []
@@ -176,6 +180,7 @@ class TrainingRecipe:
         self._encode(train_records, valid_records)
         self._fit_memory()  # before the weights go to the device: fail fast instead of running out of memory
         self.model = self._place(self.model)
+        self.net = self._wrap(self.model)  # what the training forward runs: DDP over `model` in a group
         self._build_optimizer()
         if self.resume_dir is not None:
             self._restore(state_dir(self.resume_dir))
@@ -329,6 +334,8 @@ class TrainingRecipe:
             f"epochs: {self.total_steps} steps of {cfg.batch_size}x{cfg.gradient_accumulation_steps} on "
             f"{self.device}; {n_trainable:,} of {n_total:,} parameters trainable ({self.kind})"
         )
+        if self.world.distributed:
+            text += f"; data parallel over {self.world.size} processes ({self.world.backend})"
         if self.resume_dir is not None:
             text += f"; resuming at step {p.step} (epoch {p.epoch}, step {p.step_in_epoch} in it)"
         self.hooks.message(
@@ -338,6 +345,7 @@ class TrainingRecipe:
                 "total_steps": self.total_steps,
                 "trainable_parameters": n_trainable,
                 "device": str(self.device),
+                **self.world.describe(),
             },
         )
         if self.skipped:
@@ -361,6 +369,10 @@ class TrainingRecipe:
         """Refuse what this worker cannot train before loading anything (the runner fails the job with it)."""
         self.precision = Precision.resolve(self.cfg.precision, self.device)
         self.scaler = self.precision.scaler()
+        if self.world.distributed and (self.cfg.method is Method.dpo or self.cfg.packing
+                                       or self.kind is TrainingKind.qlora):
+            raise InputError("multi-device training does not support DPO, packing or QLoRA yet",
+                             param="resources")
         if self.kind is TrainingKind.qlora:
             if self.task is not Task.causal_lm:
                 raise InputError("QLoRA trains causal_lm jobs only", param="training_type")
@@ -378,6 +390,14 @@ class TrainingRecipe:
         placed = model if self.kind is TrainingKind.qlora else model.to(self.device)
         upcast_trainable(placed)
         return placed
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.world.distributed:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     def _plan_packing(self) -> None:
         """Packed SFT plans batches over rows of several examples (`ml.data.packing`): `train_lengths`
@@ -492,7 +512,8 @@ class TrainingRecipe:
     def _budget_spent(self) -> bool:
         """`max_steps` (as `total_steps`) or `max_train_seconds` reached before the last epoch ends."""
         p, limit = self.progress, self.cfg.max_train_seconds
-        return p.step >= self.total_steps or (limit is not None and p.loop_seconds >= limit)
+        spent = p.step >= self.total_steps or (limit is not None and p.loop_seconds >= limit)
+        return bool(self.world.agree(int(spent)))  # clocks differ between ranks: rank 0's call
 
     def _windows(self, epoch: int) -> list[tuple[int, list[list[int]]]]:
         """Micro-batches of this epoch grouped per optimizer step, with the index of the first one."""
@@ -501,24 +522,46 @@ class TrainingRecipe:
         return [(i, micro[i : i + accum]) for i in range(0, len(micro), accum)]
 
     def _train_step(self, epoch: int, start: int, window: list[list[int]]) -> StepResult | Interrupt:
+        """One optimizer step over the window's global micro-batches (this rank's share of each): the
+        summed loss over the window's global target count, so any world size takes the same step."""
         self._step_rng = capture_rng()
-        batches = [self._collate_train(idx, (epoch, start + j)) for j, idx in enumerate(window)]
-        total = max(1, sum(int(b["n_targets"]) for b in batches))
+        shards = [self.world.shard(idx) for idx in window]
+        batches = [self._collate_train(idx, (epoch, start + j)) for j, (idx, _) in enumerate(shards)]
+        weights = [1.0 if counts else 0.0 for _, counts in shards]
+        local = sum(int(b["n_targets"]) * w for b, w in zip(batches, weights, strict=True))
+        total = max(1.0, self.world.sum(local)[0])
         loss_value, tokens = 0.0, 0
-        for batch in batches:
-            why = self.hooks.interrupted()
+        for j, (batch, weight) in enumerate(zip(batches, weights, strict=True)):
+            why = self._interrupted()
             if why is not None:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.dpo is not None:
                     self.dpo.stats.reset()
                 return why
-            loss = self._loss(batch) / total
-            self._backward(loss)
+            with self._sync(last=j == len(batches) - 1):
+                loss = self._loss(batch) / total
+                loss = loss if weight else loss * 0.0
+                # DDP averages the ranks' gradients: scale up so that they sum instead
+                self._backward(loss * self.world.size if self.world.distributed else loss)
             loss_value += loss.item()
-            tokens += int(batch["n_tokens"])
+            tokens += int(batch["n_tokens"]) * int(weight)
+        loss_value, summed_tokens = self.world.sum(loss_value, tokens)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self._optimizer_step()
-        return StepResult(loss_value, tokens, lr, self.dpo.stats.take() if self.dpo is not None else {})
+        stats = self.dpo.stats.take() if self.dpo is not None else {}
+        return StepResult(loss_value, int(summed_tokens), lr, stats)
+
+    def _sync(self, last: bool) -> Any:
+        """DDP all-reduces the gradients on the window's last backward only."""
+        no_sync = getattr(self.net, "no_sync", None)
+        return nullcontext() if last or no_sync is None else no_sync()
+
+    def _interrupted(self) -> Interrupt | None:
+        """The hooks' answer; in a group rank 0's, so every rank stops at the same micro-batch."""
+        if not self.world.distributed:
+            return self.hooks.interrupted()
+        mine = INTERRUPTS.index(self.hooks.interrupted()) if self.world.main else 0
+        return INTERRUPTS[self.world.agree(mine)]
 
     def _collate(
         self, examples: list[Any], idx: list[int], key: tuple[int, int]
@@ -532,7 +575,7 @@ class TrainingRecipe:
                 return self.dpo.loss_sum(self.model, batch)
         with self.precision.autocast():
             packed = PACKED_KEY in batch
-            logits = forward_packed(self.model, batch) if packed else forward_logits(self.model, batch, self.task)
+            logits = forward_packed(self.net, batch) if packed else forward_logits(self.net, batch, self.task)
         return loss_sum(self.task, logits, batch)
 
     def _optimizer_step(self) -> None:
@@ -567,7 +610,7 @@ class TrainingRecipe:
         self.hooks.progress(p.step, self.total_steps, self._epoch_float(), p.trained_tokens)
         if p.step % max(1, self.cfg.log_every_steps) == 0:
             self._log()
-        stop = self._maybe_evaluate(epoch_end)
+        stop = bool(self.world.agree(int(self._maybe_evaluate(epoch_end))))
         every = self.cfg.checkpoint_every_steps
         if (every > 0 and p.step % every == 0) or (every <= 0 and epoch_end) or stop:
             self._checkpoint()
@@ -604,7 +647,10 @@ class TrainingRecipe:
         return metrics is not None and self._early_stop(metrics)
 
     def evaluate(self) -> dict[str, float] | None:
-        """Validation loss + task metrics, reported through hooks. None if interrupted midway."""
+        """Validation loss + task metrics, reported through hooks. None if interrupted midway. In a
+        group rank 0 evaluates alone (the others wait at the next collective)."""
+        if not self.world.main:
+            return None
         names = self.label_names
         if self.dpo is not None:
             metrics = dpo.evaluate(self.model, self.eval_batches(), self.cfg.beta, self.device, self.hooks.interrupted)
@@ -684,9 +730,11 @@ class TrainingRecipe:
 
     def _checkpoint(self, rng: RngState | None = None) -> None:
         self.progress.last_ckpt_step = self.progress.step
-        local_dir = self.workdir / f"checkpoint-{self.progress.step:08d}-{uuid.uuid4().hex[:8]}"
-        info = self._save(local_dir, with_state=True, rng=rng or capture_rng())
-        self.hooks.checkpoint(local_dir, info)
+        if self.world.main:  # the ranks' weights and optimizer states are identical
+            local_dir = self.workdir / f"checkpoint-{self.progress.step:08d}-{uuid.uuid4().hex[:8]}"
+            info = self._save(local_dir, with_state=True, rng=rng or capture_rng())
+            self.hooks.checkpoint(local_dir, info)
+        self.world.barrier()
 
     def save_checkpoint(self, local_dir: Path, with_state: bool = True) -> CheckpointInfo:
         return self._save(Path(local_dir), with_state, capture_rng())
@@ -712,7 +760,7 @@ class TrainingRecipe:
         return info
 
     def cleanup(self) -> None:
-        for name in ("model", "optimizer", "scheduler", "_eval_cache"):
+        for name in ("model", "net", "optimizer", "scheduler", "_eval_cache"):
             if hasattr(self, name):
                 setattr(self, name, None)
         if torch.cuda.is_available():
