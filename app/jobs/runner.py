@@ -223,7 +223,7 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
         from ml.evaluation import safe_report
 
         report = safe_report(recipe, job.validation_file, hooks)  # before the final transaction
-        return _succeed(got, hooks, storage, final, info, outcome, ft_name, report)
+        return _succeed(got, storage, final, info, outcome, ft_name, report)
     finally:
         recipe.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -246,7 +246,7 @@ def _execute_group(got: Claim, hb: Heartbeat, hooks: JobHooks, job: Job, cfg: Re
         if result.final is None:
             return _interrupted(got, result.outcome)
         info = read_info(result.final)
-        return _succeed(got, hooks, storage, result.final, info, result.outcome, ft_name, result.report)
+        return _succeed(got, storage, result.final, info, result.outcome, ft_name, result.report)
     except GroupDied as exc:
         return requeue(got, str(exc))
     finally:
@@ -302,7 +302,7 @@ def _store_result_file(s: Session, storage: Storage, job: Job) -> str:
     return file_id
 
 
-def _succeed(got: Claim, hooks: JobHooks, storage: Storage, final: Path, info: CheckpointInfo,
+def _succeed(got: Claim, storage: Storage, final: Path, info: CheckpointInfo,
              outcome: TrainOutcome, ft_name: str, evaluation: dict[str, Any] | None = None) -> str:
     # One key per attempt: a worker that lost the job never overwrites the weights the winner registered.
     key = f"jobs/{got.job_id}/final-{got.attempt}"

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,9 @@ def _init_group(spec: LaunchSpec) -> str:
                          param="resources.devices", code="unsupported_resources")
     if use_cuda:
         torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # One hour: the other ranks wait at the final barrier while rank 0 saves and writes the evaluation
+    # report alone (NCCL's default is 10 minutes).
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=1))
     return f"cuda:{local_rank}" if use_cuda else "cpu"
 
 
@@ -149,6 +152,10 @@ def run(spec: LaunchSpec) -> int:
                     report = safe_report(recipe, spec.validation_file, hooks)
             outcome_data = asdict(outcome) | {"interrupt": outcome.interrupt.value if outcome.interrupt else None}
             channel.send("outcome", outcome=outcome_data, report=report)
+        # Every rank waits for rank 0's final save and report, so no rank tears gloo down while a peer
+        # still talks to it (a rank exiting early aborted with "terminate called without an active
+        # exception" on a loaded machine).
+        dist.barrier()
         return 0
     except InputError as exc:  # the user's to fix: the runner fails the job with it
         if main:

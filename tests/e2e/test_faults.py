@@ -23,7 +23,10 @@ from tests.e2e.faults import Stack, ThrowawayPostgres, ThrowawayRedis
 
 pytestmark = pytest.mark.slow
 
-EVERY = 5  # checkpoint every 5 steps; 40 rows / batch 4 -> 10 steps an epoch, 60 in all
+# Checkpoint every 20 steps; 160 rows / batch 4 -> 40 steps an epoch, 240 in all. Long enough that a fault
+# injected after step 2 or the first checkpoint lands mid-training even on an idle machine (tiny-lm
+# trains ~30 steps/s there and progress is reported every 2 s: 60 steps made it a race).
+EVERY = 20
 
 
 @pytest.fixture
@@ -40,7 +43,7 @@ def stack(request: pytest.FixtureRequest, throwaway_postgres: ThrowawayPostgres,
         s.stop()
 
 
-def _train_file(stack: Stack, rows: int = 40) -> str:
+def _train_file(stack: Stack, rows: int = 160) -> str:
     return stack.upload(write_jsonl(stack.tmp / "train.jsonl", chat_rows(rows)))
 
 

@@ -18,7 +18,7 @@ from sqlalchemy import event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs import runner
-from app.jobs.lease import Claim, Heartbeat, claim
+from app.jobs.lease import Claim, claim
 from app.jobs.service import cancel_job, pause_job
 from app.jobs.state import ACTIVE, CLAIMABLE, TERMINAL, JobStatus, transition
 from app.kit.db import get_engine, utcnow
@@ -115,13 +115,11 @@ def _succeed(r: Running, tmp_path: Path) -> str:
     final.mkdir(exist_ok=True)
     (final / "weights.bin").write_bytes(b"w")
     storage = get_storage()
-    job = Job(id=r.job_id, project_id=r.project.id)
     ft_name = f"ft:tiny-lm:{r.project.name}::{r.job_id}"
-    hooks = runner.JobHooks(r.got, Heartbeat(r.got), job, ft_name, storage)
     info = CheckpointInfo(task=Task.causal_lm, training_type=TrainingKind.lora, base_model="tiny-lm", step=3,
                           epoch=1.0)
     outcome = TrainOutcome(completed=True, step=3, trained_tokens=123)
-    return runner._succeed(r.got, hooks, storage, final, info, outcome, ft_name)
+    return runner._succeed(r.got, storage, final, info, outcome, ft_name)
 
 
 def _nothing_of_success(factory: sessionmaker[Session], r: Running) -> None:
