@@ -35,7 +35,7 @@ FOLLOW_MAX_WAIT = 3600.0
 _sleep = time.sleep  # backoff pause (tests count the reconnect attempts through it)
 ID_COLUMNS = frozenset({"id", "fine_tuned_model", "fine_tuned_model_checkpoint", "base_model"})
 Series = list[tuple[int, float]]
-TRAIN_KEYS = ("step", "epoch", "train_loss", "lr", "learning_rate", "tokens_per_second", "grad_norm")
+TRAIN_KEYS = ("step", "epoch", "train_loss", "lr", "learning_rate", "tokens_per_second", "grad_norm", "attempt")
 
 BaseUrl = Annotated[str, typer.Option(
     "--base-url", envvar=["TUNEHOUSE_BASE_URL", "OPENAI_BASE_URL"], help="tunehouse server URL")]
@@ -489,6 +489,8 @@ def _estimate_table(est: dict[str, Any]) -> Table:
         "steps": f"{est['steps']} (batch size {est['batch_size']})",
         "duration": f"{_duration(est['estimated_seconds'])} at {est['tokens_per_second']:,.0f} tokens/s "
                     f"({est['basis']})",
+        "phases": ", ".join(f"{k} {v:.0f}s" for k, v in (est.get("breakdown") or {}).items()
+                            if k not in ("run", "total") and v >= 0.5),
         "peak memory": f"{_gib(mem['peak_bytes'])}{device} {fits}".strip() if mem else "",
     }
     table = Table(box=None, show_header=False, pad_edge=False)

@@ -66,9 +66,11 @@ class ApiKey(Base):
 
 class File(Base):
     __tablename__ = "files"
+    # Keyset pages (app.kit.pagination) seek on (scope, order column, id): flat however deep.
+    __table_args__ = (Index("ix_files_project_created_id", "project_id", "created_at", "id"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(512))
     bytes: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -80,7 +82,7 @@ class File(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     # Detected columns, label names/counts, value stats, cleaning report.
     stats: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
@@ -89,7 +91,10 @@ class Job(Base):
     __table_args__ = (
         UniqueConstraint("project_id", "idempotency_key", name="uq_jobs_project_idempotency"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
-        Index("ix_jobs_project_created", "project_id", "created_at"),
+        Index("ix_jobs_project_created_id", "project_id", "created_at", "id"),  # list pages
+        Index("ix_jobs_status_created", "status", "created_at"),  # the queue, queue positions
+        Index("ix_jobs_project_status", "project_id", "status"),  # quota and running-job counts
+        Index("ix_jobs_status_devices", "status", "devices"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -104,7 +109,7 @@ class Job(Base):
     # What the user asked for ("auto" kept) and the typed recipe config resolved from it.
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(JSONType)
     config: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
-    status: Mapped[str] = mapped_column(String(32), index=True)  # app.jobs.state.JobStatus
+    status: Mapped[str] = mapped_column(String(32))  # app.jobs.state.JobStatus
     fine_tuned_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     result_files: Mapped[list[str]] = mapped_column(JSONType, default=list)
@@ -130,6 +135,28 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     pause_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # resources.devices / resources.nodes, copied from the config: a worker claims only jobs whose
+    # devices per node it holds (`app.jobs.queue`); nodes > 1 runs as a gang (`app.jobs.gang`).
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+class GangSeat(Base):
+    """A follower's place in a multi-node attempt (`app.jobs.gang`): the leader opens `nodes - 1` seats
+    with the rendezvous, a follower takes one by a conditional update and heartbeats it; `go` is set by
+    the leader once every seat is taken. Rows of an attempt that ended are deleted."""
+
+    __tablename__ = "gang_seats"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    endpoint: Mapped[str] = mapped_column(String(256))  # host:port of node 0's rendezvous store
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)  # nodes, devices, resume_key, leader
+    worker_id: Mapped[str | None] = mapped_column(String(256), nullable=True, index=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    go: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class JobEvent(Base):
@@ -168,9 +195,10 @@ class FineTunedModel(Base):
     """The model registry: one row per servable fine-tuned model (final models)."""
 
     __tablename__ = "fine_tuned_models"
+    __table_args__ = (Index("ix_fine_tuned_models_project_created", "project_id", "created_at"),)
 
     id: Mapped[str] = mapped_column(String(512), primary_key=True)  # ft:<base>:<project>:<suffix>:<job>
-    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     base_model: Mapped[str] = mapped_column(String(256))
     task: Mapped[str] = mapped_column(String(32))

@@ -60,9 +60,17 @@ class Settings(BaseSettings):
     worker_device_memory_bytes: int | None = Field(default=None, ge=1)
     keep_checkpoints: int = 0  # newest N (plus the best) per job; 0 -> keep all
     # Devices one training worker can give a job (`resources.devices`: processes under torchrun, one per
-    # GPU, or CPU processes over gloo). The API cannot count GPUs (it never imports torch): set this to
-    # the GPU count of the smallest GPU worker; 2 fits any CPU worker. Jobs asking more are refused.
+    # GPU, or CPU processes over gloo). A worker claims only jobs that fit its own value; the API (it
+    # never imports torch, so cannot count GPUs) refuses jobs asking more than its value: set it there
+    # to the GPU count of the largest worker. 2 fits any CPU worker.
     worker_devices: int = Field(default=2, ge=1)
+    # Multi-node jobs (`resources.nodes`, README "Multi-GPU and multi-node workers"): the address other
+    # workers reach this one's rendezvous on (empty -> this host name's address, else 127.0.0.1), how long
+    # a leader waits for its followers before giving the job back (no attempt spent), the most nodes a job
+    # may ask for.
+    worker_address: str = ""
+    gang_timeout_seconds: float = Field(default=300.0, gt=0)
+    max_nodes: int = Field(default=8, ge=1)
 
     # Inference runs in inference workers behind this URL; embedded `serve` starts one and sets it.
     inference_url: str = ""
@@ -77,6 +85,7 @@ class Settings(BaseSettings):
     inference_max_input_tokens: int = 512
     inference_max_new_tokens: int = 512
     inference_timeout_seconds: float = 60.0
+    serve_base_models: bool = True  # catalog causal LMs answer chat/completions as themselves
 
     # Webhooks
     webhook_secret: str = Field(default="", description="HMAC-SHA256 key for webhook signatures")

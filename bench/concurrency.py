@@ -29,6 +29,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +85,39 @@ def wait_http(url: str, proc: subprocess.Popen[bytes], deadline_s: float) -> Non
             pass
         time.sleep(0.2)
     raise SystemExit(f"{url}: not up after {deadline_s:.0f}s")
+
+
+@contextmanager
+def servers(env: dict[str, str], tmp: Path, api_port: int, inf_port: int | None
+            ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    """The real inference worker (when `inf_port` is given) and the real API as subprocesses, up and
+    healthy; stopped on exit (killed if stuck), then the count of tracebacks in their log is printed."""
+    logs = (tmp / "servers.log").open("wb")
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, argv: list[str], port: int, deadline_s: float) -> None:
+        procs[name] = subprocess.Popen([sys.executable, "-m", *argv, "--host", "127.0.0.1", "--port", str(port)],
+                                       cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT)
+        wait_http(f"http://127.0.0.1:{port}/healthz", procs[name], deadline_s)
+
+    try:
+        if inf_port is not None:
+            start("worker", ["worker.inference_server"], inf_port, 120)
+        start("api", ["uvicorn", "app.main:create_app", "--factory", "--log-level", "warning", "--no-access-log"],
+              api_port, 60)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # a stuck server does not stop gracefully
+                proc.kill()
+                proc.wait()
+        logs.close()
+        print(f"tracebacks in the server logs ({logs.name}): "
+              f"{(tmp / 'servers.log').read_text(errors='replace').count('Traceback')}")
 
 
 def chat_rows(n: int) -> bytes:
@@ -278,36 +313,11 @@ def main() -> None:
            "TUNEHOUSE_INFERENCE_URL": "" if args.no_predictions else f"http://127.0.0.1:{inf_port}"}
     os.environ.update(env)  # the seeding below writes the classifier where the worker reads it
     key, model = seed_database(url, with_model=not args.no_predictions)
-    procs: list[subprocess.Popen[bytes]] = []
-    logs = (tmp / "servers.log").open("wb")
-    print(f"server logs: {logs.name}")
-    try:
-        if model:
-            procs.append(subprocess.Popen([sys.executable, "-m", "worker.inference_server", "--host", "127.0.0.1",
-                                           "--port", str(inf_port)], cwd=ROOT, env=env,
-                                          stdout=logs, stderr=subprocess.STDOUT))
-            wait_http(f"http://127.0.0.1:{inf_port}/healthz", procs[-1], 120)
-        procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                                       "--host", "127.0.0.1", "--port", str(api_port), "--log-level", "warning",
-                                       "--no-access-log"], cwd=ROOT, env=env,
-                                      stdout=logs, stderr=subprocess.STDOUT))
-        wait_http(f"http://127.0.0.1:{api_port}/healthz", procs[-1], 60)
+    with servers(env, tmp, api_port, inf_port if model else None):
         print(f"database: {url.split('@')[-1]}  predictions: {'on' if model else 'off'}  rounds: {args.rounds}")
         levels = [int(x) for x in args.levels.split(",")]
         asyncio.run(run(f"http://127.0.0.1:{api_port}", key, model, levels, args.rounds, args.followers,
                         args.timeout))
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:  # a stuck server does not stop gracefully
-                proc.kill()
-                proc.wait()
-        logs.close()
-        tracebacks = (tmp / "servers.log").read_text(errors="replace").count("Traceback")
-        print(f"tracebacks in the server logs: {tracebacks}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,11 @@ Same data, seed and global batch for every world size. Reports the training loop
 wall time including start-up, the scaling efficiency (tokens/s of N over N x tokens/s of 1) and the
 largest relative difference between the loss curves (they should agree: the same examples per step).
 On CPU the processes use gloo and `--threads` torch threads each; on a CUDA machine one GPU each.
+`--strategy both` (full fine-tunes) runs N processes under DDP and under FSDP and reports FSDP's tokens/s
+as a ratio of DDP's, the strongest multi-process baseline.
 
-    python bench/distributed.py [--model tiny-lm --kind lora --rows 96 --batch-size 16 --steps 8 --nproc 2]
+    python bench/distributed.py [--model tiny-lm --kind lora --rows 96 --batch-size 16 --steps 8 --nproc 2
+                                 --strategy ddp|fsdp|both]
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def chat_rows(n: int, seed: int = 3) -> list[dict[str, Any]]:
     return rows
 
 
-def run(args: argparse.Namespace, nproc: int, workdir: Path, train: Path) -> dict[str, Any]:
+def run(args: argparse.Namespace, nproc: int, workdir: Path, train: Path, strategy: str = "ddp") -> dict[str, Any]:
     from app.models_registry.catalog import local_base
     from ml.config import RecipeConfig
     from ml.training.launch import LaunchSpec
@@ -54,7 +57,7 @@ def run(args: argparse.Namespace, nproc: int, workdir: Path, train: Path) -> dic
         "base_model": args.model, "task": "causal_lm", "training_type": {"type": args.kind, "lora_dropout": 0.0},
         "seed": 1, "n_epochs": 1000, "max_steps": args.steps, "batch_size": args.batch_size,
         "learning_rate": 1e-3, "max_seq_length": args.max_len, "training_file_key": "train.jsonl",
-        "checkpoint_every_steps": 10**6,
+        "checkpoint_every_steps": 10**6, "resources": {"devices": nproc, "strategy": strategy},
     })
     workdir.mkdir(parents=True)
     base = local_base(cfg.base_model)
@@ -76,7 +79,8 @@ def run(args: argparse.Namespace, nproc: int, workdir: Path, train: Path) -> dic
     lines = [json.loads(x) for x in (workdir / "events.jsonl").read_text().splitlines()]
     metrics = [m for m in lines if m["kind"] == "metrics" and "train_loss" in m["values"]]
     rates = [m["values"]["tokens_per_second"] for m in metrics[1:]] or [0.0]
-    return {"nproc": nproc, "tokens_per_second": sum(rates) / len(rates), "wall_seconds": wall,
+    return {"nproc": nproc, "strategy": strategy if nproc > 1 else "single",
+            "tokens_per_second": sum(rates) / len(rates), "wall_seconds": wall,
             "losses": {m["step"]: m["values"]["train_loss"] for m in metrics}}
 
 
@@ -91,21 +95,27 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process (CPU)")
     ap.add_argument("--cuda", action="store_true", help="one GPU per process (nccl)")
+    ap.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "both"])
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="tunehouse-dist-bench-"))
     train = tmp / "train.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.rows)))
     one = run(args, 1, tmp / "one", train)
-    many = run(args, args.nproc, tmp / "many", train)
+    strategies = ["ddp", "fsdp"] if args.strategy == "both" else [args.strategy]
+    group = {name: run(args, args.nproc, tmp / name, train, name) for name in strategies}
+    many = group[strategies[-1]]
     diff = max((abs(many["losses"][s] - v) / abs(v) for s, v in one["losses"].items() if s in many["losses"]),
                default=float("nan"))
     result = {
         "model": args.model, "kind": args.kind, "global_batch": args.batch_size, "steps": args.steps,
         "device": "cuda" if args.cuda else f"cpu ({args.threads} thread(s) per process)",
-        "runs": [{k: v for k, v in r.items() if k != "losses"} for r in (one, many)],
+        "runs": [{k: v for k, v in r.items() if k != "losses"} for r in (one, *group.values())],
         "scaling_efficiency": many["tokens_per_second"] / max(1e-9, args.nproc * one["tokens_per_second"]),
         "max_relative_loss_difference": diff,
     }
+    if len(group) == 2:
+        result["fsdp_over_ddp_tokens_per_second"] = group["fsdp"]["tokens_per_second"] / max(
+            1e-9, group["ddp"]["tokens_per_second"])
     print(json.dumps(result, indent=1))
 
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import secrets
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 
 from app.inference import wire  # noqa: E402
-from bench.concurrency import free_port, percentiles, seed_database, wait_http  # noqa: E402
+from bench.concurrency import free_port, percentiles, seed_database, servers  # noqa: E402
 
 TEXTS = ["The delivery was late and the package was damaged.", "Absolutely loved the service!",
          "It was okay, nothing special about it.", "Great value for the price and fast shipping."]
@@ -178,24 +177,15 @@ def main() -> None:
     key, model = seed_database(url, with_model=True)
     assert model is not None
     storage_key = _storage_key(url, model)
-    logs = (tmp / "servers.log").open("wb")
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        procs.append(subprocess.Popen([sys.executable, "-m", "worker.inference_server", "--port", str(inf_port)],
-                                      cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT))
-        wait_http(f"http://127.0.0.1:{inf_port}/healthz", procs[-1], 120)
-        procs.append(subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                                       "--port", str(api_port), "--log-level", "warning", "--no-access-log"],
-                                      cwd=ROOT, env=env, stdout=logs, stderr=subprocess.STDOUT))
-        wait_http(f"http://127.0.0.1:{api_port}/healthz", procs[-1], 60)
+    with servers(env, tmp, api_port, inf_port) as procs:
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; database {url.split('@')[-1]}; "
               f"broker {args.redis_url or 'embedded'}; {args.seconds:g}s per level")
         before = in_process(storage_key, model, args.seconds).rate
         same = {n: in_process(storage_key, model, args.seconds, clients=n).rate for n in levels}
         direct = asyncio.run(worker_direct(f"http://127.0.0.1:{inf_port}", env["TUNEHOUSE_INTERNAL_TOKEN"],
                                            storage_key, model, args.seconds))
-        tallies = asyncio.run(through_api(f"http://127.0.0.1:{api_port}", key, model, levels, args.seconds,
-                                      {"cpu ms/req: api": procs[1].pid, "worker": procs[0].pid, "client": os.getpid()},
+        pids = {"cpu ms/req: api": procs["api"].pid, "worker": procs["worker"].pid, "client": os.getpid()}
+        tallies = asyncio.run(through_api(f"http://127.0.0.1:{api_port}", key, model, levels, args.seconds, pids,
                                       lambda: batcher(f"http://127.0.0.1:{inf_port}", env["TUNEHOUSE_INTERNAL_TOKEN"])))
         after = in_process(storage_key, model, args.seconds).rate
         limit = (before + after) / 2
@@ -208,17 +198,6 @@ def main() -> None:
             print(tally.line(f"API {n} client{'s' if n > 1 else ''}", limit)
                   + f"  | {tally.rate / same[n]:.2f}x in-process at {n}")
         print(f"  goal: >= 0.9x at 8+ clients, >= 0.6x at 1 client; load average now {os.getloadavg()[0]:.1f}")
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        logs.close()
-        print(f"tracebacks in the server logs ({logs.name}): "
-              f"{(tmp / 'servers.log').read_text(errors='replace').count('Traceback')}")
 
 
 def _storage_key(url: str, model: str) -> str:

@@ -50,11 +50,13 @@ class CheckpointInfo(BaseModel):
     base_checkpoint_key: str | None = None
 
 
-def save(ckpt_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, info: CheckpointInfo) -> None:
-    """Weights (full model or peft adapter), tokenizer and info: everything but the training state."""
+def save(ckpt_dir: Path, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, info: CheckpointInfo,
+         state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Weights (full model or peft adapter), tokenizer and info: everything but the training state.
+    `state_dict`: the model's weights when `model` does not hold them whole (FSDP: gathered to rank 0)."""
     from ml.modeling import save_weights  # torch: only when actually writing
 
-    save_weights(model, ckpt_dir, info.base_model)
+    save_weights(model, ckpt_dir, info.base_model, state_dict)
     tokenizer.save_pretrained(str(ckpt_dir))
     write_info(ckpt_dir, info)
 

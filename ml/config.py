@@ -102,6 +102,7 @@ class RecipeConfig(BaseModel):
     precision: Precision = "auto"  # auto: bf16 (fp16 + loss scaling without bf16) on CUDA, fp32 elsewhere
     gradient_checkpointing: bool | Literal["auto"] = False  # auto: on when the activations would not fit
     packing: bool = False  # causal_lm: several examples per row; `batch_size` then counts rows
+    compile: bool | Literal["auto"] = False  # torch.compile the training forward (`ml.training.compiled`)
     # Preference tuning: `batch_size` then counts pairs; `beta` scales the DPO loss's implicit reward.
     method: Method = Method.supervised
     beta: float = DEFAULT_DPO_BETA

@@ -45,6 +45,7 @@ from ml.modeling import autocast, forward_logits, load_task_model
 from ml.models.base import BaseModelSpec
 from ml.training.dpo import evaluate as dpo_evaluate
 from ml.training.dpo import reference_metrics
+from ml.training.evalloop import eval_pass
 from ml.training.losses import loss_sum, predictions
 from ml.training.metrics import classification_metrics, higher_is_better, perplexity, regression_metrics
 from ml.training.state import seed_everything
@@ -82,30 +83,42 @@ class Evaluable(Protocol):
         """The last evaluation's metrics when it scored the current weights."""
 
 
+@dataclass
+class Sums:
+    """One evaluation pass's raw results (a rank's share of a split evaluation): summed loss, its
+    target count, and per-example predictions and targets (classification / regression)."""
+
+    loss: float
+    count: int
+    preds: list[torch.Tensor]
+    targets: list[torch.Tensor]
+
+
+def score_sums(model: torch.nn.Module, batches: list[Batch], task: Task, device: torch.device,
+               interrupted: Callable[[], object | None] | None = None) -> Sums | None:
+    sums = Sums(0.0, 0, [], [])
+
+    def step(batch: Batch) -> None:
+        with autocast(device):
+            logits = forward_logits(model, batch, task)
+        sums.loss += float(loss_sum(task, logits, batch))
+        sums.count += int(batch["n_targets"])
+        if "targets" in batch:
+            sums.preds.append(predictions(task, logits).cpu())
+            sums.targets.append(batch["targets"].cpu())
+
+    return sums if eval_pass(model, batches, device, step, interrupted) else None
+
+
 def score(model: torch.nn.Module, batches: list[Batch], task: Task, device: torch.device, n_labels: int,
           interrupted: Callable[[], object | None] | None = None,
           label_names: list[str] | None = None) -> dict[str, float] | None:
     """Validation loss + task metrics of `model`: the one evaluation loop (the recipe's and the report's).
     None as soon as `interrupted()` answers non-None. `label_names` name the per-class recalls."""
-    was_training = model.training
-    model.eval()
-    loss, count, preds, targets = 0.0, 0, [], []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if interrupted is not None and interrupted() is not None:
-                    return None
-                batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(device):
-                    logits = forward_logits(model, batch, task)
-                loss += float(loss_sum(task, logits, batch))
-                count += int(batch["n_targets"])
-                if "targets" in batch:
-                    preds.append(predictions(task, logits).cpu())
-                    targets.append(batch["targets"].cpu())
-    finally:
-        model.train(was_training)
-    return task_metrics(task, loss / max(count, 1), preds, targets, n_labels, label_names)
+    sums = score_sums(model, batches, task, device, interrupted)
+    if sums is None:
+        return None
+    return task_metrics(task, sums.loss / max(sums.count, 1), sums.preds, sums.targets, n_labels, label_names)
 
 
 def task_metrics(task: Task, valid_loss: float, preds: list[torch.Tensor], targets: list[torch.Tensor],

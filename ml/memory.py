@@ -88,6 +88,12 @@ class Workload:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     virtual_tokens: int = 0
     num_labels: int = 2
+    world: int = 1  # processes of a data-parallel group: each takes its share of a micro-batch's rows
+    sharded: bool = False  # FSDP: weights, gradients and optimizer state split across the `world`
+
+    @property
+    def rank_rows(self) -> int:
+        return -(-self.rows // max(1, self.world))
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,7 @@ def weight_bytes(shape: ModelShape, w: Workload, trainable: int) -> int:
 
 def activation_bytes(shape: ModelShape, w: Workload) -> int:
     """Kept for backward, plus one layer's transients (a forward without grad, backward's temporaries)."""
-    tokens = w.rows * (w.seq_len + w.virtual_tokens)
+    tokens = w.rank_rows * (w.seq_len + w.virtual_tokens)
     lm = w.task in (Task.causal_lm, Task.masked_lm)
     per_token = 2 * shape.hidden * FP32 + (shape.vocab * LOGIT_BYTES if lm else 0)  # embeddings, norm, logits
     layer = _layer_bytes(shape, w)
@@ -230,10 +236,17 @@ def _layer_bytes(shape: ModelShape, w: Workload) -> int:
 
 
 def estimate(shape: ModelShape, w: Workload) -> MemoryEstimate:
+    """One device's peak. Under FSDP a device keeps 1/world of the weights, gradients and optimizer
+    state, plus whole copies of two blocks (the one computing and the next, gathered ahead)."""
     trainable = trainable_params(shape, w)
-    grads = trainable * FP32
-    return MemoryEstimate(weight_bytes(shape, w, trainable), grads, 2 * grads, activation_bytes(shape, w),
-                          trainable, w.checkpointing)
+    weights, grads = weight_bytes(shape, w, trainable), trainable * FP32
+    notes = []
+    if w.sharded and w.world > 1:
+        gathered = 2 * shape.layer_linear_params * FP32
+        weights, grads = -(-weights // w.world) + gathered, -(-grads // w.world)
+        notes.append(f"sharded over {w.world} devices")
+    return MemoryEstimate(weights, grads, 2 * grads, activation_bytes(shape, w), trainable, w.checkpointing,
+                          notes)
 
 
 def plan(shape: ModelShape, w: Workload, setting: bool | str, available: int | None) -> MemoryEstimate:

@@ -321,7 +321,8 @@ def forward_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], task:
     return logits
 
 
-def save_weights(model: torch.nn.Module, out: Path, base_model_id: str) -> None:
+def save_weights(model: torch.nn.Module, out: Path, base_model_id: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         for cfg in model.peft_config.values():
@@ -332,7 +333,7 @@ def save_weights(model: torch.nn.Module, out: Path, base_model_id: str) -> None:
         (out / "README.md").unlink(missing_ok=True)
         return
     with quiet_transformers():
-        cast(PreTrainedModel, model).save_pretrained(str(out))
+        cast(PreTrainedModel, model).save_pretrained(str(out), state_dict=state_dict)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -7,15 +7,19 @@ import os
 import socket
 import threading
 import uuid
+from typing import Any
 
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.signals import worker_ready
 
 from app.jobs import cleanup, exports, runner
 from app.kit.broker import RUN_JOB_TASK, get_celery
 from app.webhooks.service import TASK_NAME as WEBHOOK_TASK
 from app.webhooks.service import Delivery, deliver, send_delivery
+from worker.heartbeat import heartbeats
 
 celery = get_celery()
+SOLO_POOL = threading.Event()  # set in a solo-pool worker, whose tasks block Celery's own heartbeats
 
 
 def worker_id() -> str:
@@ -26,7 +30,14 @@ def worker_id() -> str:
 @celery.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True)
 def run_job(job_id: str | None = None) -> str:
     """A claim token: runs the next job in fair order; `job_id` (who sent it) is only for logs."""
-    return runner.run_next(worker_id())
+    with heartbeats(celery, run_job.request.hostname if SOLO_POOL.is_set() else None):
+        return runner.run_next(worker_id())
+
+
+@worker_ready.connect
+def _note_pool(sender: Any = None, **_: object) -> None:
+    if isinstance(getattr(sender, "pool", None), SoloPool):
+        SOLO_POOL.set()
 
 
 @worker_ready.connect
@@ -48,4 +59,5 @@ def deliver_webhook(job_id: str, url: str, event_id: str, body: str, attempt: in
 
 @celery.task(name=exports.EXPORT_TASK, acks_late=True, reject_on_worker_lost=True)
 def build_export(export_id: str) -> str:
-    return exports.build_export(export_id)
+    with heartbeats(celery, build_export.request.hostname if SOLO_POOL.is_set() else None):
+        return exports.build_export(export_id)

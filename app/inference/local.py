@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from app.inference.schemas import (
@@ -30,10 +31,10 @@ from app.kit.errors import GatewayTimeout, InvalidRequest
 from app.kit.storage import get_storage
 from app.models_registry.catalog import base_model_path, get_spec
 from app.settings import Settings
-from ml.inference.engine import Engine, EngineConfig
+from ml.inference.engine import DirStore, Engine, EngineConfig
 from ml.inference.loading import ModelMeta
 from ml.inference.sampling import RowParams
-from ml.inference.types import GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
+from ml.inference.types import BASE_KEY_PREFIX, GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
 
 Rows = list[tuple[list[int], RowParams]]
 
@@ -48,7 +49,20 @@ def engine_config(s: Settings) -> EngineConfig:
 def make_engine(settings: Settings, config: EngineConfig | None = None) -> Engine:
     """The engine wired to this service: catalog base models and the artifact storage."""
     return Engine(config or engine_config(settings), base_dir=lambda base: base_model_path(get_spec(base)),
-                  storage=get_storage())
+                  storage=CatalogDirs(get_storage()))
+
+
+class CatalogDirs:
+    """The artifact storage, plus catalog base models served as themselves (`base:<id>` keys, which
+    the API hands over only when `serve_base_models` is on)."""
+
+    def __init__(self, storage: DirStore) -> None:
+        self.storage = storage
+
+    def local_dir(self, key: str) -> Path:
+        if key.startswith(BASE_KEY_PREFIX):
+            return base_model_path(get_spec(key.removeprefix(BASE_KEY_PREFIX)))
+        return self.storage.local_dir(key)
 
 
 class LocalInference:

@@ -1,6 +1,10 @@
 """`model` -> a servable checkpoint dir, scoped to the caller's project. Always runs in the API
 (never in the inference worker): 404 for unknown / other project's / deleted, 409 while the
-job that will produce the model has not succeeded. Lookups go through the model repository."""
+job that will produce the model has not succeeded. Lookups go through the model repository.
+
+A catalog base model id resolves to the base itself (public: any project's key may use it), which
+`check_base` lets through only for chat / completions on a causal LM: a base's classification,
+regression or masked-LM head is untrained, so its predictions would be noise."""
 
 from __future__ import annotations
 
@@ -8,10 +12,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.jobs.state import JobStatus
-from app.kit.errors import Conflict, NotFound
+from app.kit.errors import Conflict, InvalidRequest, NotFound
 from app.models_registry import repository
+from app.models_registry.catalog import load_catalog
 from app.orm import Checkpoint, FineTunedModel, Job
-from ml.inference.types import ModelRef
+from ml.inference.types import BASE_KEY_PREFIX, GENERATIVE_TASKS, ModelRef
 
 
 class ModelDeleted(NotFound):
@@ -23,6 +28,9 @@ class ModelDeleted(NotFound):
 
 
 def resolve_model(session: Session, project_id: str, model: str) -> ModelRef:
+    base = catalog_base(model)
+    if base is not None:
+        return base
     row = repository.model_row(session, project_id, model)
     if row is not None:
         if row.deleted_at is not None:
@@ -65,3 +73,27 @@ def _raise_if_pending(session: Session, project_id: str, model: str) -> None:
     if job is not None and job.status != JobStatus.succeeded:
         raise Conflict(f"The model '{model}' is not ready: its fine-tuning job {job.id} is {job.status}.",
                        param="model", code="model_not_ready")
+
+
+def catalog_base(model: str) -> ModelRef | None:
+    """A catalog base model as itself (no database): a causal LM if it can be one, else its first task."""
+    spec = load_catalog().get(model)
+    if spec is None:
+        return None
+    task = "causal_lm" if "causal_lm" in spec.tasks else spec.tasks[0]
+    return ModelRef(name=model, storage_key=BASE_KEY_PREFIX + model, task=task, base_model=model)
+
+
+def check_base(ref: ModelRef, tasks: tuple[str, ...], enabled: bool) -> None:
+    """400 `model_not_servable` for a base model that this endpoint (or this server) does not serve."""
+    if not ref.storage_key.startswith(BASE_KEY_PREFIX):
+        return
+    if not enabled:
+        raise InvalidRequest(f"Base models are not served on this server (TUNEHOUSE_SERVE_BASE_MODELS is off); "
+                             f"fine-tune '{ref.name}' and use the 'ft:' model.", param="model",
+                             code="model_not_servable")
+    if ref.task not in GENERATIVE_TASKS or tasks != GENERATIVE_TASKS:
+        raise InvalidRequest(f"Base model '{ref.name}' is served only as a causal LM (/v1/chat/completions, "
+                             f"/v1/completions): its classification, regression and masked-LM heads are untrained, "
+                             f"so predictions would be noise. Fine-tune it and use the 'ft:' model.",
+                             param="model", code="model_not_servable")

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from app.auth.deps import DetachedProject, serving_generation
-from app.inference.resolve import ModelDeleted, resolve_model
+from app.inference.resolve import ModelDeleted, check_base, resolve_model
 from app.inference.runtime import get_inference
 from app.inference.schemas import (
     ChatCompletion,
@@ -25,6 +25,7 @@ from app.inference.schemas import (
 from app.inference.service import Inference, check_task
 from app.kit.deps import run_db, session_factory
 from app.kit.hotcache import HotCache
+from app.settings import get_settings
 from app.tenancy.service import served, served_stream  # in memory: written in batches
 from ml.inference.types import GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
 
@@ -41,7 +42,8 @@ _STREAMED = "The completion; with `stream`, server-sent events (`text/event-stre
              responses={200: {"model": ChatCompletion, "description": _STREAMED}})
 async def create_chat_completion(body: ChatCompletionRequest, request: Request,
                                  project: DetachedProject) -> ChatCompletion | StreamingResponse:
-    """Chat with a fine-tuned causal LM (the tokenizer's chat template, generation prompt added)."""
+    """Chat with a fine-tuned causal LM, or a catalog base causal LM by its id (the tokenizer's chat
+    template, generation prompt added)."""
     inference = get_inference(request.app)
     ref = await _resolve(request, inference, project.id, body.model, GENERATIVE_TASKS, "/v1/chat/completions")
     if body.stream:
@@ -53,7 +55,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request,
 @router.post("/completions", response_model=None, responses={200: {"model": Completion, "description": _STREAMED}})
 async def create_completion(body: CompletionRequest, request: Request,
                             project: DetachedProject) -> Completion | StreamingResponse:
-    """Legacy text completions: `prompt` is a string, a list of strings or token ids."""
+    """Legacy text completions (fine-tuned or catalog base causal LMs): `prompt` is a string, a list of
+    strings or token ids."""
     inference = get_inference(request.app)
     ref = await _resolve(request, inference, project.id, body.model, GENERATIVE_TASKS, "/v1/completions")
     if body.stream:
@@ -65,7 +68,8 @@ async def create_completion(body: CompletionRequest, request: Request,
 @router.post("/predictions", response_model=PredictionList)
 async def create_predictions(body: PredictionRequest, request: Request,
                              project: DetachedProject) -> Response:
-    """Extension: batched predictions from classification, regression and masked-LM models.
+    """Extension: batched predictions from fine-tuned classification, regression and masked-LM models
+    (a base model id answers 400 `model_not_servable`: its task head is untrained).
 
     - classification: `{"index", "label", "score", "scores": {label: probability}}`
     - regression: `{"index", "value"}`
@@ -87,6 +91,7 @@ async def _resolve(request: Request, inference: Inference, project_id: str, mode
     if ref is None:
         ref = await _resolve_uncached(request, inference, project_id, model)
         MODELS.put((project_id, model), gen, ref)
+    check_base(ref, tasks, get_settings().serve_base_models)
     check_task(ref.name, ref.task, tasks, endpoint)
     return ref
 

@@ -1,5 +1,6 @@
 """An attempt on several devices (`resources.devices > 1`): the worker starts
-`torchrun --standalone --nproc_per_node N -m ml.training.launch SPEC` and stays the job's only link
+`torchrun --standalone --nproc_per_node N -m ml.training.launch SPEC` (a gang's node, `app.jobs.gang`:
+`--nnodes M --node_rank r` with node 0's rendezvous) and stays the job's only link
 to the database. It keeps the lease and heartbeat, applies rank 0's hook calls (JSON lines in
 `events.jsonl`) through the ordinary `JobHooks`, and passes cancel / pause / a lost lease to the group
 by writing `control`. A rank that dies takes the group down (torchrun); the attempt is then re-queued
@@ -16,11 +17,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy.orm import Session
 
 from app.jobs.events import add_event
+from app.jobs.gang import Gang, Rendezvous, Seat, SeatHeartbeat, stale_followers
 from app.jobs.lease import Claim, Heartbeat
 from app.jobs.state import JobStatus, transition
 from app.kit.db import utcnow
@@ -35,6 +37,7 @@ from ml.errors import InputError
 log = logging.getLogger(__name__)
 POLL_S = 0.2  # how often the worker reads the group's events and checks for an interrupt
 LOG_TAIL = 2000  # characters of the group's output kept in the error message
+FOLLOWER_GRACE_S = 30.0  # a follower's group may outlive the leader's attempt this long before it is killed
 
 
 class GroupDied(RuntimeError):
@@ -84,8 +87,16 @@ class Channel:
         self._sent = why
 
 
-def group_command(devices: int, spec_path: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={devices}",
+def group_command(devices: int, spec_path: Path, rdzv: Rendezvous | None = None) -> list[str]:
+    """One machine: `--standalone`. A gang's node: torchrun's static rendezvous, so node r's ranks are
+    r*devices.. and rank 0 (the one that reports) is always on the leader, which hosts the store."""
+    if rdzv is None:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={rdzv.nodes}", f"--node_rank={rdzv.node_rank}", "--rdzv_backend=static",
+                 f"--rdzv_id={rdzv.run_id}", f"--master_addr={rdzv.host}", f"--master_port={rdzv.port}",
+                 "--max_restarts=0"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc_per_node={devices}",
             "-m", "ml.training.launch", str(spec_path)]
 
 
@@ -108,31 +119,85 @@ def write_spec(cfg: RecipeConfig, workdir: Path, inputs: Inputs, threads: int) -
     return path
 
 
-def run_group(cfg: RecipeConfig, hooks: Any, hb: Heartbeat, workdir: Path, inputs: Inputs,
-              threads: int) -> GroupResult:
-    """Runs the group to its end, relaying its hook calls; the outcome as `recipe.train()` would give it."""
+def _start(cfg: RecipeConfig, workdir: Path, inputs: Inputs, threads: int, rdzv: Rendezvous | None,
+           out: IO[bytes]) -> subprocess.Popen[bytes]:
     devices = cfg.resources.devices
     threads_each = max(1, threads // devices)
     spec_path = write_spec(cfg, workdir, inputs, threads_each)
+    env = os.environ | {"OMP_NUM_THREADS": str(threads_each)}
+    # its own process group: the worker can take torchrun and every rank down together
+    return subprocess.Popen(group_command(devices, spec_path, rdzv), stdout=out, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def run_group(cfg: RecipeConfig, hooks: Any, hb: Heartbeat, workdir: Path, inputs: Inputs,
+              threads: int, gang: Gang | None = None) -> GroupResult:
+    """Runs the group to its end, relaying its hook calls; the outcome as `recipe.train()` would give it.
+    A gang's leader also watches its followers' heartbeats: a node lost without a word (a machine gone)
+    could leave the collectives here waiting for an hour."""
     channel = Channel(workdir)
     log_path = workdir / "group.log"
-    env = os.environ | {"OMP_NUM_THREADS": str(threads_each)}
+    result: dict[str, Any] = {}
+    lost: list[int] = []
     with log_path.open("wb") as out:
-        # its own process group: the worker can take torchrun and every rank down together
-        proc = subprocess.Popen(group_command(devices, spec_path), stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-        result: dict[str, Any] = {}
+        proc = _start(cfg, workdir, inputs, threads, gang.rendezvous if gang else None, out)
+        last_watch = time.monotonic()
         try:
             while proc.poll() is None:
                 _relay(channel.lines(), hooks, result)
                 channel.signal(hb.interrupt)
+                if gang is not None and time.monotonic() - last_watch >= get_settings().heartbeat_seconds:
+                    last_watch = time.monotonic()
+                    lost = _lost_followers(gang)
+                    if lost:
+                        break
                 time.sleep(POLL_S)
         finally:
-            if proc.poll() is None:  # the worker itself is going down: take the group with it
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _kill(proc)  # the worker itself is going down, or a node was lost: take the group with it
     _relay(channel.lines(), hooks, result)
+    if lost and "outcome" not in result:
+        raise GroupDied(f"node(s) {', '.join(map(str, lost))} stopped responding")
     return _result(result, proc.returncode, workdir, log_path)
+
+
+def _lost_followers(gang: Gang) -> list[int]:
+    try:
+        return stale_followers(gang)
+    except Exception:  # a DB blip is not a lost node
+        log.exception("could not read the gang's heartbeats")
+        return []
+
+
+def run_follower(cfg: RecipeConfig, seat: Seat, hb: SeatHeartbeat, workdir: Path, inputs: Inputs,
+                 threads: int) -> int:
+    """A follower's node of a gang: its ranks report nothing (rank 0 is on the leader); it runs until
+    torchrun exits, or is taken down once the leader's attempt is over (grace: the leader's ranks end
+    first on a normal finish, and a group that lost its peer fails on its own). Returns torchrun's code."""
+    log_path = workdir / "group.log"
+    Channel(workdir)  # the spec names these files; only rank 0 would use them
+    with log_path.open("wb") as out:
+        proc = _start(cfg, workdir, inputs, threads, seat.rendezvous, out)
+        ended_at: float | None = None
+        try:
+            while proc.poll() is None:
+                if hb.ended.is_set() and ended_at is None:
+                    ended_at = time.monotonic()
+                if ended_at is not None and time.monotonic() - ended_at > FOLLOWER_GRACE_S:
+                    log.warning("the leader's attempt is over; stopping this node", extra={"job_id": seat.job_id})
+                    break
+                time.sleep(POLL_S)
+        finally:
+            _kill(proc)
+    if proc.returncode:
+        log.error("gang node %d exited with %s:\n%s", seat.rendezvous.node_rank, proc.returncode,
+                  log_path.read_bytes()[-LOG_TAIL:].decode(errors="replace"))
+    return int(proc.returncode)
 
 
 def _relay(lines: list[dict[str, Any]], hooks: Any, result: dict[str, Any]) -> None:

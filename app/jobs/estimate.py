@@ -19,15 +19,19 @@ config.json and safetensors headers, for the job's longest batch; `fits` compare
 activations unless the server's `device` setting is "cpu" (the workers' devices are not known here),
 and `gradient_checkpointing: auto` as on when the job would not fit without it.
 
-Speed: the mean `tokens_per_second` of the training metrics events of the most recent succeeded
-jobs with the same base model and training type ("measured"), else a default table ("default",
-measured on a 2-core CPU box: a GPU is much faster, so the first succeeded job fixes the basis).
+Duration (`app.jobs.eta`): every phase of the job, not only its training steps: the queue ahead, model
+load and tokenization, training steps, evaluation passes, checkpoint saves, the end-of-job evaluation
+report and the final save, returned as `breakdown`. Training speed is the mean `tokens_per_second` of the
+training metrics events of the most recent succeeded jobs with the same base model and training type
+("measured"), else `eta.DEFAULT_SPEEDS` ("default", measured on a 2-core CPU box with one torch thread,
+scaled for the workers' torch threads: a GPU is much faster, so the first succeeded job fixes the basis).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,13 +43,15 @@ from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.jobs import eta
 from app.jobs.state import JobStatus
+from app.kit.db import utcnow
 from app.kit.storage import Storage
 from app.models_registry.catalog import get_spec
 from app.orm import File, Job, JobEvent
 from app.settings import get_settings
 from ml import memory
-from ml.config import RecipeConfig, Task, TrainingKind
+from ml.config import Method, RecipeConfig, Task, TrainingKind
 from ml.data.formats import BOM, iter_records, normalize
 from ml.data.packing import packed_row_count
 from ml.data.tokens import load_tokenizer_no_torch, token_lengths
@@ -58,22 +64,8 @@ FULL_COUNT_ROWS = 20_000  # the estimate endpoint counts every row up to this ma
 QUICK_COUNT_ROWS = 2_000  # job creation (must stay fast) samples above this
 CHUNK = 1_000  # records tokenized per call
 RECENT_JOBS = 20  # succeeded jobs averaged for the measured speed
-EVAL_COST = 1 / 3  # a validation token costs a forward pass, about a third of a training token
-STARTUP_SECONDS = 5.0  # loading the model and data, saving the final model
-# Training tokens/s measured on a 2-core CPU (torch 2.13, fp32), per base model and training type.
-DEFAULT_TOKENS_PER_SECOND: dict[tuple[str, TrainingKind], float] = {
-    ("tiny-lm", TrainingKind.full): 20_000.0, ("tiny-lm", TrainingKind.lora): 20_000.0,
-    ("tiny-lm", TrainingKind.freeze): 38_000.0, ("tiny-lm", TrainingKind.prompt_tuning): 20_000.0,
-    ("minilm-l6", TrainingKind.full): 300.0, ("minilm-l6", TrainingKind.lora): 1_400.0,
-    ("minilm-l6", TrainingKind.freeze): 2_200.0, ("minilm-l6", TrainingKind.prompt_tuning): 1_200.0,
-}
-# Other models: minilm-l6's full fine-tuning speed, scaled by its measured per-type ratios (the
-# optimizer step over every weight dominates full fine-tuning on a CPU).
-FALLBACK_FULL_TOKENS_PER_SECOND = 300.0
-KIND_SPEED = {TrainingKind.full: 1.0, TrainingKind.lora: 4.7, TrainingKind.freeze: 7.3,
-              TrainingKind.prompt_tuning: 4.0,
-              TrainingKind.qlora: 3.1}  # LoRA less 4-bit dequantization (about a third slower: not measured here)
-
+STARTED = utcnow()  # this API process's start: a job started since then means a warm worker (embedded mode)
+AHEAD = (JobStatus.validating_files, JobStatus.queued, JobStatus.running)  # statuses a new job waits behind
 _local = threading.local()  # per thread: {model id: tokenizer}
 
 
@@ -92,6 +84,31 @@ class MemoryOut(BaseModel):
         description="Whether this estimate assumes gradient checkpointing (`auto` resolved).")
 
 
+class BreakdownOut(BaseModel):
+    """Predicted seconds per phase of the job (`app.jobs.eta`)."""
+
+    queue: float = Field(description="Waiting for the jobs ahead and for a worker to take it.")
+    setup: float = Field(description="Loading the model, reading and tokenizing the files (DPO: scoring "
+                                     "the reference model).")
+    train: float = Field(description="The training steps.")
+    evaluations: float = Field(description="Evaluation passes over the validation file during training.")
+    checkpoints: float = Field(description="Checkpoint saves (weights and optimizer state).")
+    report: float = Field(description="The end-of-job evaluation report (base vs fine-tuned).")
+    final: float = Field(description="Saving and registering the final model.")
+    run: float = Field(description="All but the queue: started -> finished.")
+    total: float = Field(description="created -> finished.")
+
+
+class CountsOut(BaseModel):
+    evaluations: int = Field(description="Evaluation passes over the validation file.")
+    checkpoints: int = Field(description="Checkpoints saved.")
+    checkpoint_bytes: int = Field(description="Bytes of one checkpoint (weights or adapter, optimizer state).")
+    speedup: float = Field(description="Compute speed relative to the speed table (torch threads and host "
+                                       "load, or measured / default training speed).")
+    load_factor: float = Field(1.0, description="Embedded mode: speed from the host's load average now vs "
+                                                "the table's (1 elsewhere).")
+
+
 class EstimateOut(BaseModel):
     object: Literal["fine_tuning.estimate"] = Field(
         "fine_tuning.estimate", description="Always `fine_tuning.estimate`.")
@@ -107,7 +124,13 @@ class EstimateOut(BaseModel):
     steps: int = Field(description="Optimizer steps of the whole job.")
     trained_tokens: int = Field(description="train_tokens x n_epochs: the job's `trained_tokens` when it succeeds.")
     tokens_per_second: float = Field(description="Training throughput the estimate assumes.")
-    estimated_seconds: float = Field(description="Predicted training time.")
+    estimated_seconds: float = Field(
+        description="Predicted wall time from creation to the end: queue_seconds + run_seconds.")
+    queue_seconds: float = Field(0.0, description="Predicted wait before a worker starts it: the jobs ahead "
+                                                  "(one training worker assumed) and the hand-over.")
+    run_seconds: float = Field(0.0, description="Predicted time from the start of training to the end.")
+    breakdown: BreakdownOut | None = Field(None, description="The prediction per phase (seconds).")
+    counts: CountsOut | None = Field(None, description="What the phases count.")
     basis: Literal["measured", "default"] = Field(
         description="`measured`: throughput from this model's past jobs; `default`: a built-in guess.")
     sampled: bool = Field(description="Whether counts were scaled up from a sample of rows.")
@@ -241,19 +264,32 @@ def measured_tokens_per_second(session: Session, model: str, kind: str) -> float
 
 
 def default_tokens_per_second(model: str, kind: TrainingKind) -> float:
-    known = DEFAULT_TOKENS_PER_SECOND.get((model, kind))
-    return known if known is not None else FALLBACK_FULL_TOKENS_PER_SECOND * KIND_SPEED[kind]
+    """The speed table's training tokens/s (one torch thread), before the thread factor."""
+    return eta.speeds_for(model, None).train_tokens_per_second[kind]
 
 
-def _steps(cfg: RecipeConfig, examples: int) -> int:
+def _steps(cfg: RecipeConfig, examples: int, epochs: int) -> int:
     micro = math.ceil(examples / cfg.batch_size)
-    return math.ceil(micro / max(1, cfg.gradient_accumulation_steps)) * cfg.n_epochs
+    return math.ceil(micro / max(1, cfg.gradient_accumulation_steps)) * epochs
 
 
-def _evaluations(cfg: RecipeConfig, steps: int, has_validation: bool) -> int:
-    if not has_validation:
-        return 0
-    return math.ceil(steps / cfg.eval_every_steps) if cfg.eval_every_steps > 0 else cfg.n_epochs
+def host_load_factor(embedded: bool, device: str) -> float:
+    """Embedded mode on a CPU: the worker shares this host, so its load average tells the worker's speed."""
+    if not embedded or device not in ("cpu", "auto") or not hasattr(os, "getloadavg"):
+        return 1.0
+    return eta.load_factor(os.getloadavg()[0], os.cpu_count() or 1)
+
+
+def cold_worker(session: Session) -> bool:
+    """No job started since this API process did: in embedded mode its worker started with it and has
+    not imported torch nor loaded a model yet (elsewhere a guess that errs by one cold start)."""
+    return session.scalar(select(Job.id).where(Job.started_at >= STARTED).limit(1)) is None
+
+
+def queue_seconds(session: Session) -> float:
+    finishes = session.scalars(select(Job.estimated_finish).where(
+        Job.status.in_(AHEAD), Job.estimated_finish.is_not(None))).all()
+    return eta.queue_seconds([f for f in finishes if f is not None], utcnow())
 
 
 @dataclass(frozen=True)
@@ -265,6 +301,9 @@ class Plan:
     valid: StoredFile | None
     measured_tps: float | None
     limit: int  # rows counted exactly before sampling
+    queue_seconds: float = 0.0
+    generates: bool = False  # the evaluation report generates answers (causal LM on prompts)
+    cold: bool = False  # no job started since this process did
 
 
 @dataclass(frozen=True)
@@ -277,8 +316,11 @@ def plan(session: Session, cfg: RecipeConfig, train: File, valid: File | None, *
          limit: int | None = None) -> Plan:
     """Reads only. `limit` defaults to FULL_COUNT_ROWS."""
     kind = TrainingKind(cfg.training_type.type)
+    generates = (cfg.task == Task.causal_lm and cfg.method is not Method.dpo and valid is not None
+                 and valid.format in ("chat", "prompt_completion"))
     return Plan(cfg, StoredFile.of(train, cfg), StoredFile.of(valid, cfg) if valid else None,
-                measured_tokens_per_second(session, cfg.base_model, kind.value), limit or FULL_COUNT_ROWS)
+                measured_tokens_per_second(session, cfg.base_model, kind.value), limit or FULL_COUNT_ROWS,
+                queue_seconds(session), generates, cold_worker(session))
 
 
 def _count(file: StoredFile | None, p: Plan, storage: Storage, fresh: dict[str, TokenCount]) -> TokenCount:
@@ -296,32 +338,64 @@ def compute(p: Plan, storage: Storage) -> Result:
     cfg, kind = p.cfg, TrainingKind(p.cfg.training_type.type)
     fresh: dict[str, TokenCount] = {}
     t, v = _count(p.train, p, storage, fresh), _count(p.valid, p, storage, fresh)
-    steps = _steps(cfg, t.packed_rows if cfg.packing else t.examples)
-    tps = p.measured_tps or default_tokens_per_second(cfg.base_model, kind)
-    work = t.tokens * cfg.n_epochs + EVAL_COST * v.tokens * _evaluations(cfg, steps, p.valid is not None)
+    per_epoch = _steps(cfg, t.packed_rows if cfg.packing else t.examples, 1)
+    mem, shape = memory_estimate(cfg, t)
+    work = eta.Work(
+        model=cfg.base_model, kind=kind, train_tokens=t.tokens, validation_tokens=v.tokens,
+        validation_examples=v.examples, steps_per_epoch=per_epoch, n_epochs=cfg.n_epochs,
+        max_steps=cfg.max_steps, eval_every_steps=cfg.eval_every_steps,
+        checkpoint_every_steps=cfg.checkpoint_every_steps, params=shape.params if shape else None,
+        trainable_params=shape.trainable if shape else None, generates=p.generates,
+        dpo=cfg.method is Method.dpo, built=shape is not None, cold=p.cold,
+        world=_world(cfg), sharded=cfg.resources.strategy == "fsdp",
+    )
+    c = eta.counts(work)
+    settings = get_settings()
+    speeds = eta.speeds_for(cfg.base_model, work.params)
+    table_tps = speeds.train_tokens_per_second[kind]
+    threads = eta.thread_factor(settings.torch_threads, settings.device)
+    load = host_load_factor(settings.embedded, settings.device)
+    tps = p.measured_tps or table_tps * threads * load
+    speedup = p.measured_tps / table_tps if p.measured_tps else threads * load
+    d = eta.durations(work, c, speeds, tps, speedup, p.queue_seconds, fixed_speedup=load)
     out = EstimateOut(
         model=cfg.base_model, task=str(cfg.task), training_type=kind.value, train_tokens=t.tokens,
         validation_tokens=v.tokens, examples=t.examples, validation_examples=v.examples,
-        n_epochs=cfg.n_epochs, batch_size=cfg.batch_size, steps=steps, trained_tokens=t.tokens * cfg.n_epochs,
-        tokens_per_second=round(tps, 1), estimated_seconds=round(STARTUP_SECONDS + work / tps, 1),
+        n_epochs=cfg.n_epochs, batch_size=cfg.batch_size, steps=c.steps, trained_tokens=round(t.tokens * c.epochs),
+        tokens_per_second=round(tps, 1), estimated_seconds=round(d.total, 1),
+        queue_seconds=round(d.queue, 1), run_seconds=round(d.run, 1),
+        breakdown=BreakdownOut.model_validate(d.as_dict()),
+        counts=CountsOut(evaluations=c.evaluations, checkpoints=c.checkpoints, checkpoint_bytes=c.checkpoint_bytes,
+                         speedup=round(speedup, 3), load_factor=round(load, 3)),
         basis="measured" if p.measured_tps else "default", sampled=t.sampled or v.sampled,
-        packed_rows=t.packed_rows if cfg.packing else None, memory=memory_estimate(cfg, t),
+        packed_rows=t.packed_rows if cfg.packing else None, memory=mem,
     )
     return Result(out, fresh)
 
 
 # --- memory ----------------------------------------------------------------------------------------
 
-def memory_estimate(cfg: RecipeConfig, t: TokenCount) -> MemoryOut | None:
+@dataclass(frozen=True)
+class Size:
+    params: int
+    trainable: int
+
+
+def memory_estimate(cfg: RecipeConfig, t: TokenCount) -> tuple[MemoryOut | None, Size | None]:
+    """The memory prediction and the parameter counts; (None, None) until the model's weights exist."""
     settings = get_settings()
     spec = get_spec(cfg.base_model)
     shape = memory.shape_from_dir(tokenizer_dir(spec, settings.data_dir))  # the model dir, once it is built
     if shape is None:
-        return None
+        return None, None
     device_bytes = settings.worker_device_memory_bytes
     est = memory.plan(shape, _workload(cfg, t, spec.lora_target_modules, settings.device),
                       cfg.gradient_checkpointing, device_bytes)
-    return MemoryOut.model_validate(est.as_dict(device_bytes))
+    return MemoryOut.model_validate(est.as_dict(device_bytes)), Size(shape.params, est.trainable_params)
+
+
+def _world(cfg: RecipeConfig) -> int:
+    return cfg.resources.devices * cfg.resources.nodes
 
 
 def _workload(cfg: RecipeConfig, t: TokenCount, default_targets: list[str], device_setting: str) -> memory.Workload:
@@ -332,6 +406,7 @@ def _workload(cfg: RecipeConfig, t: TokenCount, default_targets: list[str], devi
         Task(cfg.task), TrainingKind(tt.type), rows=cfg.batch_size, seq_len=_seq_len(cfg, t), precision=precision,
         device=device, lora_r=tt.lora_r, lora_targets=tuple(tt.lora_target_modules or default_targets),
         virtual_tokens=tt.num_virtual_tokens if tt.type is TrainingKind.prompt_tuning else 0,
+        world=_world(cfg), sharded=cfg.resources.strategy == "fsdp",
     )
 
 

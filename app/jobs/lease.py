@@ -55,12 +55,14 @@ def claim(job_id: str, worker_id: str) -> Claim | None:
     return None if attempt is None else Claim(job_id, worker_id, attempt)
 
 
-def claim_next(worker_id: str, rounds: int = 8) -> Claim | None:
+def claim_next(worker_id: str, rounds: int = 8, devices: int | None = None) -> Claim | None:
     """What a `run_job` token does: take the next queued job in fair order (`queue.claim_order`)
-    whose project is under its running limit. Losing a head to another worker re-reads the order."""
+    whose project is under its running limit and whose devices per node this worker holds (`devices`,
+    default TUNEHOUSE_WORKER_DEVICES). Losing a head to another worker re-reads the order."""
+    devices = get_settings().worker_devices if devices is None else devices
     for _ in range(rounds):
         with session_scope() as s:
-            heads = claim_order(s)
+            heads = claim_order(s, devices)
         raced = False
         for head in heads:
             got = _claim_head(head, worker_id)

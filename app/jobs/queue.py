@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.jobs.state import JobStatus
 from app.kit.broker import RUN_JOB_TASK, TRAINING_QUEUE, get_celery
 from app.kit.db import after_commit, session_scope
-from app.orm import Job
+from app.orm import GangSeat, Job
 from app.tenancy import service as tenancy
 
 log = logging.getLogger(__name__)
@@ -43,9 +43,11 @@ def running_limit(project_id: str, session: Session) -> int | None:
     return tenancy.running_jobs_limit(session, project_id)
 
 
-def _waiting() -> list[ColumnElement[bool]]:
-    """A queued job a worker may take (a job out of attempts is never claimed)."""
-    return [Job.status == JobStatus.queued, Job.attempt < Job.max_attempts]
+def _waiting(devices: int | None = None) -> list[ColumnElement[bool]]:
+    """A queued job a worker may take (a job out of attempts is never claimed); with `devices`, only
+    one that fits a worker of that many devices per node."""
+    cond = [Job.status == JobStatus.queued, Job.attempt < Job.max_attempts]
+    return cond if devices is None else [*cond, Job.devices <= devices]
 
 
 @dataclass(frozen=True)
@@ -57,14 +59,16 @@ class Head:
     running: int
 
 
-def claim_order(session: Session) -> list[Head]:
+def claim_order(session: Session, devices: int | None = None) -> list[Head]:
     """One head per project with waiting jobs, in the order a worker should try them: the project
     with the fewest running jobs first (no project starves another), then the oldest job. Creation
-    time, not enqueue time: a revived or resumed job keeps its place."""
+    time, not enqueue time: a revived or resumed job keeps its place. With `devices` (the worker's),
+    jobs it cannot hold are left out before the heads are taken: a big job never blocks the smaller
+    ones behind it on a small worker."""
     running = (select(Job.project_id, func.count().label("n")).where(Job.status == JobStatus.running)
                .group_by(Job.project_id).subquery())
     rank = func.row_number().over(partition_by=Job.project_id, order_by=(Job.created_at, Job.id))
-    ranked = select(Job.id, Job.project_id, Job.created_at, rank.label("rank")).where(*_waiting()).subquery()
+    ranked = select(Job.id, Job.project_id, Job.created_at, rank.label("rank")).where(*_waiting(devices)).subquery()
     n_running = func.coalesce(running.c.n, 0)
     stmt = (select(ranked.c.id, ranked.c.project_id, n_running)
             .outerjoin(running, running.c.project_id == ranked.c.project_id)
@@ -74,7 +78,8 @@ def claim_order(session: Session) -> list[Head]:
 
 
 def claimable_count(session: Session) -> int:
-    """Waiting jobs a worker could claim now: per project, no more than its free running slots."""
+    """Waiting jobs a worker could claim now (per project, no more than its free running slots), plus the
+    seats of open gangs no follower took yet."""
     waiting = func.sum(case((and_(*_waiting()), 1), else_=0))
     running = func.sum(case((Job.status == JobStatus.running, 1), else_=0))
     stmt = (select(Job.project_id, waiting, running)
@@ -84,7 +89,15 @@ def claimable_count(session: Session) -> int:
         limit = running_limit(project_id, session)
         free = int(n_waiting or 0) if limit is None else max(0, min(int(n_waiting or 0), limit - int(n_running)))
         total += free
-    return total
+    return total + vacant_seats(session)
+
+
+def vacant_seats(session: Session) -> int:
+    """Follower seats of gangs being formed that no worker took yet (`app.jobs.gang`)."""
+    stmt = (select(func.count()).select_from(GangSeat).join(Job, and_(Job.id == GangSeat.job_id,
+                                                                       Job.attempt == GangSeat.attempt))
+            .where(GangSeat.worker_id.is_(None), Job.status == JobStatus.running))
+    return int(session.scalar(stmt) or 0)
 
 
 def broker_pending() -> int:

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.jobs import cleanup
 from app.jobs.events import add_event
+from app.jobs.gang import sweep_seats
 from app.jobs.queue import top_up
 from app.jobs.state import JobStatus, transition
 from app.kit.db import session_scope, utcnow
@@ -66,6 +67,7 @@ def reap_once() -> dict[str, int]:
         expired = list(s.scalars(select(Job).where(Job.status == JobStatus.running, Job.lease_expires_at < now)))
         for job in expired:
             _expired(s, job)
+        sweep_seats(s)  # gang seats of attempts that are over (a leader that died before closing them)
     resent = top_up()  # after the commit: re-queued jobs count
     if expired or resent:
         log.info("reaper: %d expired, %d claim tokens re-sent", len(expired), resent)

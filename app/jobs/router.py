@@ -1,19 +1,16 @@
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from sqlalchemy.orm import Session
 
 from app.auth.deps import CurrentProject
 from app.jobs import download, exports, service
 from app.jobs.estimate import EstimateOut
 from app.jobs.schemas import CheckpointOut, EventOut, ExportOut, JobCreate, JobOut
-from app.kit.deps import DB, run_db
+from app.jobs.stream import follow
+from app.kit.deps import DB
 from app.kit.errors import InvalidRequest
 from app.kit.pagination import ListPage, page
 from app.kit.storage import get_storage
@@ -47,7 +44,8 @@ def estimate_job(body: JobCreate, db: DB, project: CurrentProject) -> EstimateOu
 def list_jobs(request: Request, db: DB, project: CurrentProject, after: str | None = None,
               limit: int = 20) -> ListPage[JobOut]:
     rows, has_more = service.list_jobs(db, project, after, limit, _metadata_filter(request))
-    return page([service.to_out(db, j) for j in rows], has_more)
+    positions = service.queue_positions(db, rows)
+    return page([service.to_out(db, j, positions) for j in rows], has_more)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut)
@@ -77,7 +75,7 @@ def list_events(request: Request, job_id: str, db: DB, project: CurrentProject, 
     if stream or "text/event-stream" in request.headers.get("accept", ""):
         service.get_job(db, project, job_id)
         start = _parse_seq(last_event_id)
-        return StreamingResponse(_sse(request, job_id, start), media_type="text/event-stream",
+        return StreamingResponse(follow(request, job_id, start), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     rows, has_more = service.list_events(db, project, job_id, after, limit)
     return page([service.event_out(e) for e in rows], has_more)
@@ -91,36 +89,6 @@ def _parse_seq(value: str | None) -> int:
     except ValueError:
         raise InvalidRequest("Last-Event-ID must be an event sequence number.",
                              param="Last-Event-ID") from None
-
-
-def _poll(session: Session, job_id: str, seq: int) -> tuple[list[tuple[int, bytes]], str]:
-    """The job's events after `seq` as SSE frames, and its status."""
-    from app.orm import Job
-
-    events = service.events_since(session, job_id, seq)
-    frames = [(e.seq, f"id: {e.seq}\nevent: {e.type}\ndata: {service.event_out(e).model_dump_json()}\n\n")
-              for e in events]
-    return [(n, frame.encode()) for n, frame in frames], session.get_one(Job, job_id).status
-
-
-async def _sse(request: Request, job_id: str, seq: int) -> AsyncIterator[bytes]:
-    """Events oldest first, live, until the job is finished; `id:` is the resume cursor. Each poll is
-    one short session in a worker thread (under a DB slot): a follower never blocks the event loop
-    and holds no connection between polls."""
-    idle = 0.0
-    while not await request.is_disconnected():
-        events, status = await run_db(request, _poll, job_id, seq)
-        for n, chunk in events:
-            seq = n  # the resume cursor
-            yield chunk
-        if not events and status in service.TERMINAL:
-            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n".encode()
-            return
-        idle = 0.0 if events else idle + 0.5
-        if idle >= 15:
-            yield b": keep-alive\n\n"
-            idle = 0.0
-        await asyncio.sleep(0.5)
 
 
 @router.get("/jobs/{job_id}/checkpoints", response_model=ListPage[CheckpointOut])

@@ -14,12 +14,15 @@ from collections.abc import Callable
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.orm import Session
 
 from app.files.status import FileStatus
+from app.jobs.eta import live_eta
 from app.jobs.events import add_event, job_metric_curve
+from app.jobs.gang import Gang, Seat, SeatHeartbeat, dissolve, open_gang, take_seat, wait_for_followers
+from app.jobs.gang import close as close_gang
 from app.jobs.lease import Claim, Heartbeat, claim, claim_next
 from app.jobs.queue import top_up
 from app.jobs.service import fine_tuned_model_name
@@ -39,8 +42,14 @@ from ml.checkpoint import CheckpointInfo, has_training_state
 from ml.config import EventLevel, Interrupt, RecipeConfig, TrainOutcome
 from ml.errors import InputError
 
+if TYPE_CHECKING:
+    from app.jobs.distributed import Inputs
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+LAUNCH_KEYS = ("world_size", "strategy", "backend", "device", "parameters_on_rank")
 
 
 class JobHooks:
@@ -52,9 +61,13 @@ class JobHooks:
         self.claim, self.hb, self.storage = claim, hb, storage
         self.job_id, self.project_id, self.ft_name = job.id, job.project_id, ft_name
         self._last_progress = 0.0
-        self._started = time.monotonic()
+        self._launch: dict[str, Any] | None = None  # how the attempt runs, once the recipe says (progress.launch)
+        self._nodes = job.nodes
+        self._eta = _write(lambda s: live_eta(s, job.id), "the job's estimate")
 
     def message(self, text: str, level: EventLevel = "info", data: dict[str, Any] | None = None) -> None:
+        if data is not None and "world_size" in data:  # the first training event
+            self._launch = {"nodes": self._nodes, **{k: data[k] for k in LAUNCH_KEYS if k in data}}
         _write(lambda s: add_event(s, self.job_id, text, level=level, data=data), "a job event")
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
@@ -67,11 +80,11 @@ class JobHooks:
         if now - self._last_progress < 2.0 and step < total_steps:
             return
         self._last_progress = now
-        elapsed = now - self._started
-        eta = elapsed / step * (total_steps - step) if step else None
+        eta = self._eta.remaining(step, total_steps, now)  # the steps left at this attempt's pace + the tail
         values: dict[str, Any] = {
             "progress": {"step": step, "total_steps": total_steps, "epoch": round(epoch, 4),
-                         "eta_seconds": round(eta, 1) if eta is not None else None},
+                         "eta_seconds": round(eta, 1) if eta is not None else None,
+                         **({"launch": self._launch} if self._launch else {})},
             "trained_tokens": trained_tokens,
         }
         if eta is not None:
@@ -140,12 +153,19 @@ def _mark_best(s: Any, job_id: str) -> None:
 def run_next(worker_id: str) -> str:
     """Entry point of the Celery task (a claim token): run the next job in fair order. Returns what
     happened (for logs and tests)."""
+    seat = take_seat(worker_id)  # an open gang first: its leader already holds a job and waits
+    if seat is not None:
+        return _follow(seat)
     got = claim_next(worker_id)
     if got is None:
         log.info("nothing to claim (surplus token, or every queued project is at its running limit)")
         return "skipped"
     try:
-        return _run(got)
+        done = _run(got)
+        if done == "yielded":  # it gave its job back to join an older gang (`app.jobs.gang`)
+            seat = take_seat(worker_id)
+            return _follow(seat) if seat is not None else done
+        return done
     finally:
         _top_up()  # this job's slot is free: a job of its project held back by the limit may go now
 
@@ -196,16 +216,22 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
     job, cfg, ft_name, latest = _load(got.job_id)
     storage = get_storage()
     hooks = JobHooks(got, hb, job, ft_name, storage)
-    resume = storage.local_dir(latest.storage_key) if latest else None
-    if resume is not None and not has_training_state(resume):
-        resume = None
-    hooks.message(f"Fine-tuning job started (attempt {got.attempt} of {job.max_attempts})"
+    resume = _resume_dir(storage, latest.storage_key if latest else None)
+    gang: Gang | None = None
+    res = cfg.resources
+    if res.nodes > 1:
+        formed = _form_gang(got, hb, cfg, latest if resume else None)
+        if isinstance(formed, str):
+            return formed
+        gang = formed
+    where = f" on {res.nodes} nodes x {res.devices} device(s)" if gang else ""
+    hooks.message(f"Fine-tuning job started (attempt {got.attempt} of {job.max_attempts}){where}"
                   + (f"; resuming from checkpoint at step {latest.step}" if resume and latest else ""),
                   data={"attempt": got.attempt, "resumed_from_step": latest.step if resume and latest else None,
-                        "torch_threads": threads})
+                        "torch_threads": threads, "nodes": res.nodes, "world_size": res.nodes * res.devices})
     workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-", dir=storage.staging_dir()))
-    if cfg.resources.devices > 1:
-        return _execute_group(got, hb, hooks, job, cfg, storage, workdir, resume, ft_name, threads)
+    if res.devices > 1 or gang is not None:
+        return _execute_group(got, hb, hooks, job, cfg, storage, workdir, resume, ft_name, threads, gang)
     recipe = build_recipe(
         cfg, hooks, workdir=workdir, train_path=storage.local_file(cfg.training_file_key),
         valid_path=storage.local_file(cfg.validation_file_key) if cfg.validation_file_key else None,
@@ -229,20 +255,30 @@ def _execute(got: Claim, hb: Heartbeat) -> str:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _execute_group(got: Claim, hb: Heartbeat, hooks: JobHooks, job: Job, cfg: RecipeConfig, storage: Storage,
-                   workdir: Path, resume: Path | None, ft_name: str, threads: int) -> str:
-    """`resources.devices > 1`: the attempt runs as a torchrun group (`app.jobs.distributed`)."""
-    from app.jobs.distributed import GroupDied, Inputs, requeue, run_group
-    from ml.checkpoint import read_info
+def _resume_dir(storage: Storage, key: str | None) -> Path | None:
+    resume = storage.local_dir(key) if key else None
+    return resume if resume is not None and has_training_state(resume) else None
 
-    inputs = Inputs(
+
+def _inputs(storage: Storage, cfg: RecipeConfig, job: Job, resume: Path | None) -> Inputs:
+    from app.jobs.distributed import Inputs
+
+    return Inputs(
         train_path=storage.local_file(cfg.training_file_key),
         valid_path=storage.local_file(cfg.validation_file_key) if cfg.validation_file_key else None,
         resume_dir=resume, init_dir=storage.local_dir(cfg.init_checkpoint_key) if cfg.init_checkpoint_key else None,
         validation_file=job.validation_file,
     )
+
+
+def _execute_group(got: Claim, hb: Heartbeat, hooks: JobHooks, job: Job, cfg: RecipeConfig, storage: Storage,
+                   workdir: Path, resume: Path | None, ft_name: str, threads: int, gang: Gang | None) -> str:
+    """`resources.devices > 1` or a gang: the attempt runs as a torchrun group (`app.jobs.distributed`)."""
+    from app.jobs.distributed import GroupDied, requeue, run_group
+    from ml.checkpoint import read_info
+
     try:
-        result = run_group(cfg, hooks, hb, workdir, inputs, threads)
+        result = run_group(cfg, hooks, hb, workdir, _inputs(storage, cfg, job, resume), threads, gang)
         if result.final is None:
             return _interrupted(got, result.outcome)
         info = read_info(result.final)
@@ -251,6 +287,59 @@ def _execute_group(got: Claim, hb: Heartbeat, hooks: JobHooks, job: Job, cfg: Re
         return requeue(got, str(exc))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        if gang is not None:
+            _close_gang(gang)
+
+
+# --- gangs (`app.jobs.gang`) ----------------------------------------------------------------------
+
+def _form_gang(got: Claim, hb: Heartbeat, cfg: RecipeConfig, resume_from: Checkpoint | None) -> Gang | str:
+    """The leader's wait for its followers; a string (what happened) when the gang did not form."""
+    res = cfg.resources
+    gang = open_gang(got, res.nodes, res.devices, resume_from.storage_key if resume_from else None)
+    waited = wait_for_followers(gang, hb, get_settings().gang_timeout_seconds)
+    if waited == "formed":
+        return gang
+    if waited in ("timeout", "yield"):
+        return dissolve(gang, yielded=waited == "yield")
+    with session_scope() as s:  # interrupted while waiting: nothing was trained
+        close_gang(s, gang)
+        if waited is Interrupt.paused:
+            return _pause(s, got, resume_from.step if resume_from else 0)
+    return str(waited)  # an Interrupt
+
+
+def _close_gang(gang: Gang) -> None:
+    try:
+        with session_scope() as s:
+            close_gang(s, gang)
+    except Exception:  # the reaper sweeps seats of attempts that are over
+        log.exception("could not close the gang", extra={"job_id": gang.claim.job_id})
+
+
+def _follow(seat: Seat) -> str:
+    """A follower's node: wait for the leader's go, then run this node's share of the attempt. It writes
+    nothing about the job (the leader does); returns what happened, for logs and tests."""
+    from app.jobs.distributed import run_follower
+    from ml.runtime import configure_threads
+
+    settings = get_settings()
+    rank = seat.rendezvous.node_rank
+    with log_context(job_id=seat.job_id, attempt=seat.attempt, node_rank=rank), SeatHeartbeat(seat) as hb:
+        deadline = time.monotonic() + settings.gang_timeout_seconds + settings.lease_seconds
+        while not hb.go.wait(0.5):
+            if hb.ended.is_set() or time.monotonic() > deadline:
+                log.info("the gang was dissolved before it started")
+                return "dissolved"
+        job, cfg, _, _ = _load(seat.job_id)
+        storage = get_storage()
+        workdir = Path(tempfile.mkdtemp(prefix=f"{job.id}-node{rank}-", dir=storage.staging_dir()))
+        try:
+            inputs = _inputs(storage, cfg, job, _resume_dir(storage, seat.resume_key))
+            rc = run_follower(cfg, seat, hb, workdir, inputs, configure_threads(settings.torch_threads))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return "follower_done" if rc == 0 else "follower_failed"
 
 
 def _settle(s: Session, got: Claim, to: JobStatus | None, **values: Any) -> bool:

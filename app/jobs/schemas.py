@@ -111,10 +111,11 @@ class ResourcesIn(BaseModel):
 
     devices: int = Field(1, ge=1, le=1024, description="Training processes: one per GPU (CPU: gloo processes); "
                                                       "at most what a worker advertises (TUNEHOUSE_WORKER_DEVICES).")
-    nodes: int = Field(1, ge=1, le=1024, description="Machines; only 1 is supported yet.")
+    nodes: int = Field(1, ge=1, le=1024, description="Machines (workers), each running `devices` processes.")
     strategy: Literal["auto", "ddp", "fsdp"] = Field(
-        "auto", description="auto or ddp: data parallel (every device holds the whole model); fsdp is not "
-                            "supported yet.")
+        "auto", description="auto or ddp: data parallel (every device holds the whole model); fsdp: "
+                            "fully sharded data parallel (each device holds 1/N of the weights, gradients and "
+                            "optimizer state), for full and freeze fine-tunes in bf16 or fp32.")
 
 
 class EarlyStoppingIn(BaseModel):
@@ -187,8 +188,11 @@ class JobCreate(BaseModel):
     gradient_checkpointing: bool | Auto = Field("auto", description="auto: on when the activations would "
                                                                     "not fit the worker's device otherwise")
     packing: bool = Field(False, description="causal_lm: pack several examples per row (batch_size counts rows)")
+    compile: bool | Auto = Field("auto", description="torch.compile the training forward (fused AdamW either way); "
+                                                    "auto: only where bench/train_compile.py measured it to "
+                                                    "pay, compile time included (not on CPU workers)")
     resources: ResourcesIn | None = Field(
-        None, description="Extension: devices (and later nodes) one attempt trains on; batch_size stays the "
+        None, description="Extension: devices per node and nodes one attempt trains on; batch_size stays the "
                           "global batch, split between the devices.")
 
     @field_validator("metadata")
@@ -247,7 +251,8 @@ class JobOut(BaseModel):
     max_attempts: int = Field(description="Extension: attempts allowed before the job fails with worker_lost.")
     queue_position: int | None = Field(None, description="Extension: jobs ahead of this one while queued.")
     progress: dict[str, Any] = Field(
-        {}, description="Extension: step, total_steps, epoch, latest losses, tokens/s and ETA while running.")
+        {}, description="Extension: step, total_steps, epoch, latest losses, tokens/s and ETA while running; "
+        "`launch` says how the attempt runs (world_size, nodes, strategy, backend, device).")
     evaluation: dict[str, Any] | None = Field(
         None, description="Extension: the evaluation report (base vs fine-tuned) when a validation file was given.")
     started_at: int | None = Field(None, description="Extension: when training first started (Unix seconds).")

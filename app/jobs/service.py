@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from app.files.service import get_file
 from app.jobs import estimate, hyperparams, state
@@ -25,7 +25,7 @@ from app.jobs.state import JobStatus
 from app.kit import ids
 from app.kit.db import utcnow
 from app.kit.errors import Conflict, InvalidRequest, NotFound
-from app.kit.pagination import paginate
+from app.kit.pagination import paginate, pinned
 from app.kit.storage import get_storage
 from app.models_registry import repository
 from app.models_registry.catalog import check_supports, get_spec
@@ -68,6 +68,18 @@ def queue_position(session: Session, job: Job) -> int | None:
     ahead = session.scalar(select(func.count()).select_from(Job).where(
         Job.status == JobStatus.queued, Job.created_at < job.created_at))
     return int(ahead or 0) + 1
+
+
+def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """`queue_position` of a page's queued jobs in one statement (not one count per job)."""
+    queued = [j.id for j in jobs if j.status == JobStatus.queued]
+    if not queued:
+        return {}
+    ahead = aliased(Job)
+    count = (select(func.count()).select_from(ahead)
+             .where(ahead.status == JobStatus.queued, ahead.created_at < Job.created_at).scalar_subquery())
+    rows = session.execute(select(Job.id, count).where(Job.id.in_(queued))).tuples()
+    return {job_id: int(n or 0) + 1 for job_id, n in rows}
 
 
 # --- create ---------------------------------------------------------------------------------
@@ -215,6 +227,7 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
         init_checkpoint_key=init_key,
         cleaning=body.cleaning.model_dump() if body.cleaning else {},
         precision=body.precision, gradient_checkpointing=body.gradient_checkpointing, packing=body.packing,
+        compile=body.compile,
         method=method, beta=hp_in.get("beta", DEFAULT_DPO_BETA), resources=_resources(body, tt.type, method),
     )
     hp_out = {k: resolved[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
@@ -224,22 +237,30 @@ def _build_config(session: Session, project: Project, body: JobCreate, train: Fi
 
 
 def _resources(body: JobCreate, kind: TrainingKind, method: Method) -> Resources:
-    """What this slice of distributed training runs: one machine, data parallel (README "Distributed
-    training"). Refused up front when no worker could ever take it."""
+    """What one attempt runs on: `devices` per node on `nodes` workers (README "Distributed training",
+    "Multi-GPU and multi-node workers"). Refused up front when no worker could ever take it."""
     res = body.resources or ResourcesIn()
-    if res.nodes > 1:
-        raise InvalidRequest("Multi-node training is not supported yet: resources.nodes must be 1.",
-                             param="resources.nodes", code="unsupported_resources")
-    if res.strategy == "fsdp":
-        raise InvalidRequest("The fsdp strategy is not supported yet: use auto or ddp.",
-                             param="resources.strategy", code="unsupported_resources")
+    max_nodes = 1 if get_settings().embedded else get_settings().max_nodes  # embedded: one training worker
+    if res.nodes > max_nodes:
+        raise InvalidRequest(f"resources.nodes={res.nodes}, but at most {max_nodes} workers train one job "
+                             "(TUNEHOUSE_MAX_NODES; 1 in embedded mode).", param="resources.nodes",
+                             code="unsupported_resources")
+    if res.strategy == "fsdp" and kind not in (TrainingKind.full, TrainingKind.freeze):
+        raise InvalidRequest(f"The fsdp strategy shards full fine-tunes (training_type full or freeze), not {kind}: "
+                             "use auto or ddp.", param="resources.strategy", code="unsupported_resources")
+    if res.strategy == "fsdp" and body.precision == "fp16":
+        raise InvalidRequest("The fsdp strategy trains in bf16 or fp32, not fp16.", param="precision",
+                             code="unsupported_resources")
     limit = get_settings().worker_devices
     if res.devices > limit:
         raise InvalidRequest(f"resources.devices={res.devices}, but workers offer at most {limit} devices "
                              "(TUNEHOUSE_WORKER_DEVICES).", param="resources.devices", code="unsupported_resources")
-    if res.devices > 1 and (method is Method.dpo or body.packing or kind is TrainingKind.qlora):
-        raise InvalidRequest("Multi-device training does not support DPO, packing or QLoRA yet.",
+    if res.devices * res.nodes > 1 and kind is TrainingKind.qlora:
+        raise InvalidRequest("Multi-device training does not support QLoRA yet.",
                              param="resources.devices", code="unsupported_resources")
+    if res.strategy == "fsdp" and method is Method.dpo:
+        raise InvalidRequest("The fsdp strategy does not train DPO yet: use ddp.", param="resources.strategy",
+                             code="unsupported_resources")
     return Resources(devices=res.devices, nodes=res.nodes, strategy=res.strategy)
 
 
@@ -369,6 +390,7 @@ def create_job(session: Session, project: Project, body: JobCreate, idempotency_
         config=cfg.model_dump(mode="json"), status=JobStatus.validating_files, user_metadata=body.metadata,
         idempotency_key=idempotency_key, request_hash=request_hash, webhook_url=body.webhook_url,
         max_attempts=get_settings().max_attempts, result_files=[], progress={},
+        devices=cfg.resources.devices, nodes=cfg.resources.nodes,
     )
     try:
         with session.begin_nested():
@@ -465,12 +487,17 @@ def list_jobs(session: Session, project: Project, after: str | None, limit: int,
 def list_events(session: Session, project: Project, job_id: str, after: str | None,
                 limit: int) -> tuple[list[JobEvent], bool]:
     get_job(session, project, job_id)
-    stmt = select(JobEvent).where(JobEvent.job_id == job_id)
-    return paginate(session, stmt, JobEvent, after, limit, JobEvent.seq, max_limit=1000)
+    return paginate(session, select(JobEvent), JobEvent, after, limit, JobEvent.seq, max_limit=1000,
+                    unique_order=True, pin=(JobEvent.job_id, job_id))
 
 
-def events_since(session: Session, job_id: str, seq: int, limit: int = 500) -> list[JobEvent]:
-    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.seq > seq).order_by(JobEvent.seq)
+def events_since(session: Session, job_id: str, seq: int, limit: int = 500,
+                 upto: int | None = None) -> list[JobEvent]:
+    """The job's events after `seq` (and up to `upto`), oldest first: one range of (job_id, seq)."""
+    stmt = (select(JobEvent).where(pinned(session, JobEvent.job_id, job_id), JobEvent.seq > seq)
+            .order_by(JobEvent.job_id, JobEvent.seq))
+    if upto is not None:
+        stmt = stmt.where(JobEvent.seq <= upto)
     return list(session.scalars(stmt.limit(limit)))
 
 
@@ -478,7 +505,7 @@ def list_checkpoints(session: Session, project: Project, job_id: str, after: str
                      limit: int) -> tuple[list[Checkpoint], bool]:
     get_job(session, project, job_id)
     stmt = repository.checkpoints_query(project.id, job_id)
-    return paginate(session, stmt, Checkpoint, after, limit, Checkpoint.step)
+    return paginate(session, stmt, Checkpoint, after, limit, Checkpoint.step, unique_order=True)
 
 
 # --- rendering ------------------------------------------------------------------------------
@@ -493,8 +520,10 @@ def method_out(job: Job) -> dict[str, Any]:
     return {"type": kind, kind: {"hyperparameters": dict(job.hyperparameters)}}
 
 
-def to_out(session: Session, job: Job) -> JobOut:
+def to_out(session: Session, job: Job, positions: dict[str, int] | None = None) -> JobOut:
+    """`positions`: precomputed `queue_positions` of a page (None: counted for this job)."""
     hp = dict(job.hyperparameters)
+    position = queue_position(session, job) if positions is None else positions.get(job.id)
     return JobOut(
         id=job.id, created_at=_ts(job.created_at) or 0, finished_at=_ts(job.finished_at), model=job.model,
         fine_tuned_model=job.fine_tuned_model, organization_id=job.project_id, status=job.status,
@@ -503,7 +532,7 @@ def to_out(session: Session, job: Job) -> JobOut:
         trained_tokens=job.trained_tokens, error=job.error, seed=job.seed, suffix=job.suffix,
         user_provided_suffix=job.suffix, estimated_finish=_ts(job.estimated_finish),
         metadata=job.user_metadata, task=job.task, training_type=job.training_type, config=job.config,
-        attempt=job.attempt, max_attempts=job.max_attempts, queue_position=queue_position(session, job),
+        attempt=job.attempt, max_attempts=job.max_attempts, queue_position=position,
         progress=job.progress or {}, evaluation=job.evaluation, started_at=_ts(job.started_at),
         resources=Resources.model_validate((job.config or {}).get("resources") or {}).model_dump(),
     )

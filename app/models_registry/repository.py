@@ -56,9 +56,12 @@ def live_model(session: Session, project_id: str, model_id: str) -> FineTunedMod
     return row if row is not None and row.deleted_at is None else None
 
 
+def live_models_stmt(project_id: str) -> Select[Any]:
+    return select(FineTunedModel).where(FineTunedModel.project_id == project_id, FineTunedModel.deleted_at.is_(None))
+
+
 def live_models(session: Session, project_id: str) -> list[FineTunedModel]:
-    stmt = select(FineTunedModel).where(FineTunedModel.project_id == project_id, FineTunedModel.deleted_at.is_(None))
-    return list(session.scalars(stmt.order_by(FineTunedModel.created_at.desc())))
+    return list(session.scalars(live_models_stmt(project_id).order_by(FineTunedModel.created_at.desc())))
 
 
 def model_of_job(session: Session, job_id: str, *, deleted: bool = False) -> FineTunedModel | None:

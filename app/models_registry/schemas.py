@@ -27,6 +27,9 @@ class ModelOut(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = Field("list", description="Always `list`.")
     data: list[ModelOut] = Field(description="Base models of the catalog, then the project's fine-tuned models.")
+    has_more: bool = Field(False, description="With `limit`: whether more fine-tuned models follow (pass "
+                           "`last_id` as `after`).")
+    last_id: str | None = Field(None, description="With `limit`: the id of the page's last model.")
 
 
 class ModelDeleted(BaseModel):

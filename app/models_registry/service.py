@@ -7,8 +7,9 @@ from sqlalchemy.orm import Session
 from app.kit.db import utcnow
 from app.kit.errors import NotFound
 from app.kit.hotcache import bump_after_commit
+from app.kit.pagination import paginate
 from app.models_registry import repository
-from app.models_registry.catalog import load_catalog
+from app.models_registry.catalog import BaseModelSpec, load_catalog
 from app.models_registry.schemas import ModelOut
 from app.orm import FineTunedModel, Project
 
@@ -21,12 +22,28 @@ def _fine_tuned_out(m: FineTunedModel) -> ModelOut:
                     training_type=m.training_type, info=m.info or {})
 
 
+def _base_out(s: BaseModelSpec) -> ModelOut:
+    return ModelOut(id=s.id, created=_BOOT, owned_by="tunehouse", kind="base", tasks=s.tasks,
+                    training_types=s.training_types, info={"description": s.description,
+                                                           "max_seq_length": s.max_seq_length})
+
+
+MAX_LIST_LIMIT = 100
+
+
 def list_models(session: Session, project: Project) -> list[ModelOut]:
-    base = [ModelOut(id=s.id, created=_BOOT, owned_by="tunehouse", kind="base", tasks=s.tasks,
-                     training_types=s.training_types, info={"description": s.description,
-                                                            "max_seq_length": s.max_seq_length})
-            for s in load_catalog().values()]
+    base = [_base_out(s) for s in load_catalog().values()]
     return base + [_fine_tuned_out(m) for m in repository.live_models(session, project.id)]
+
+
+def list_models_page(session: Session, project: Project, *, after: str | None, limit: int
+                     ) -> tuple[list[ModelOut], bool]:
+    """Keyset page of the fine-tuned models (one index range scan however many there are); the
+    first page (no `after`) starts with the catalog's base models, which are few and never paged."""
+    rows, has_more = paginate(session, repository.live_models_stmt(project.id), FineTunedModel, after, limit,
+                              FineTunedModel.created_at, max_limit=MAX_LIST_LIMIT)
+    base = [] if after else [_base_out(s) for s in load_catalog().values()]
+    return base + [_fine_tuned_out(m) for m in rows], has_more
 
 
 def get_fine_tuned(session: Session, project: Project, model_id: str) -> FineTunedModel:
@@ -37,9 +54,9 @@ def get_fine_tuned(session: Session, project: Project, model_id: str) -> FineTun
 
 
 def get_model(session: Session, project: Project, model_id: str) -> ModelOut:
-    for out in list_models(session, project):
-        if out.id == model_id and out.kind == "base":
-            return out
+    spec = load_catalog().get(model_id)  # a base model: no need to read the project's fine-tuned ones
+    if spec is not None and spec.id == model_id:
+        return _base_out(spec)
     return _fine_tuned_out(get_fine_tuned(session, project, model_id))
 
 

@@ -124,6 +124,9 @@ class ModelCache:
         return entry
 
     def full_model(self, info: ModelInfo, pinned: set[str]) -> FullEntry:
+        if info.is_catalog_base:  # the pristine copy its adapters load onto: one copy in memory
+            base = self._base(info, {info.base_key} | self._pinned_bases(pinned), None)
+            return FullEntry(info, base.model)
         entry = self.full.get(info.storage_key)
         if entry is None:
             entry = FullEntry(info, loading.load_full(info, self.device))

@@ -23,7 +23,7 @@ from ml import checkpoint
 from ml.checkpoint import ADAPTER_WEIGHTS, PROMPT_PEFT_TYPES
 from ml.config import Task
 from ml.errors import ModelLoadError
-from ml.inference.types import ModelRef
+from ml.inference.types import BASE_KEY_PREFIX, ModelRef
 from ml.modeling import AUTO_CLASSES, SEQUENCE_TASKS, pooling_mode, use_pooling
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,11 @@ class ModelInfo:
     @property
     def is_adapter(self) -> bool:
         return self.peft_type is not None
+
+    @property
+    def is_catalog_base(self) -> bool:
+        """A catalog base model served as itself (its dir is the base's, no checkpoint)."""
+        return self.storage_key.startswith(BASE_KEY_PREFIX)
 
     @property
     def is_prompt(self) -> bool:

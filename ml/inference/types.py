@@ -6,6 +6,7 @@ from pydantic import BaseModel
 
 GENERATIVE_TASKS = ("causal_lm",)
 PREDICTIVE_TASKS = ("classification", "regression", "masked_lm")
+BASE_KEY_PREFIX = "base:"  # `storage_key` of a catalog base model served as itself: "base:<model id>"
 
 
 class ModelRef(BaseModel):

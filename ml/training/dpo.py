@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from ml.data.tokens import IGNORE, Example, Pair
 from ml.errors import TrainingDataError
 from ml.training.data import Collator
+from ml.training.evalloop import eval_pass
 
 Batch = dict[str, torch.Tensor]
 REFERENCE_FILE = "reference.safetensors"
@@ -135,11 +136,16 @@ class Objective:
         self.beta = beta
         self.stats = StepStats()
 
-    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    def loss_sum(self, model: torch.nn.Module, batch: Batch, prompt_learning: bool | None = None,
+                 counted: bool = True) -> torch.Tensor:
+        """`model` may be a DDP wrapper (then say whether the model inside learns a prompt); `counted`
+        False: a rank's stand-in row (`World.shard`), trained at weight 0 and kept out of the stats."""
         if REF_KEY not in batch:
             raise RuntimeError("a DPO batch without reference log-probs")
-        losses, stats = dpo_loss(sequence_logps(model, batch, is_prompt_learning(model)), batch[REF_KEY], self.beta)
-        self.stats.add(stats)
+        prompt = is_prompt_learning(model) if prompt_learning is None else prompt_learning
+        losses, stats = dpo_loss(sequence_logps(model, batch, prompt), batch[REF_KEY], self.beta)
+        if counted:
+            self.stats.add(stats)
         return losses.sum()
 
 
@@ -221,27 +227,22 @@ def evaluate(model: torch.nn.Module, batches: list[Batch], beta: float, device: 
              interrupted: Callable[[], object | None] | None = None) -> dict[str, float] | None:
     """Validation DPO loss, reward stats, and the model's own ranking of the pairs: `preference_accuracy`
     (share of pairs where the preferred answer is more likely) and `logp_margin` (mean log-prob gap)."""
-    was_training = model.training
-    model.eval()
-    stats, loss, ranked, gap = StepStats(), 0.0, 0.0, 0.0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                if interrupted is not None and interrupted() is not None:
-                    return None
-                batch = {k: v.to(device) for k, v in batch.items()}
-                policy = sequence_logps(model, batch, is_prompt_learning(model))
-                losses, step = dpo_loss(policy, batch[REF_KEY], beta)
-                stats.add(step)
-                loss += float(losses.sum())
-                n = policy.shape[0] // 2
-                ranked += float((policy[:n] > policy[n:]).float().sum())
-                gap += float((policy[:n] - policy[n:]).sum())
-    finally:
-        model.train(was_training)
+    stats, sums = StepStats(), {"loss": 0.0, "ranked": 0.0, "gap": 0.0}
+
+    def step(batch: Batch) -> None:
+        policy = sequence_logps(model, batch, is_prompt_learning(model))
+        losses, pair_stats = dpo_loss(policy, batch[REF_KEY], beta)
+        stats.add(pair_stats)
+        n = policy.shape[0] // 2
+        sums["loss"] += float(losses.sum())
+        sums["ranked"] += float((policy[:n] > policy[n:]).float().sum())
+        sums["gap"] += float((policy[:n] - policy[n:]).sum())
+
+    if not eval_pass(model, batches, device, step, interrupted):
+        return None
     pairs = max(stats.pairs, 1)
-    return {"valid_loss": loss / pairs, **means(stats.take()), "preference_accuracy": ranked / pairs,
-            "logp_margin": gap / pairs}
+    return {"valid_loss": sums["loss"] / pairs, **means(stats.take()),
+            "preference_accuracy": sums["ranked"] / pairs, "logp_margin": sums["gap"] / pairs}
 
 
 def reference_metrics(batches: list[Batch]) -> dict[str, float]:

@@ -16,7 +16,7 @@ import sys
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -24,6 +24,9 @@ from ml.checkpoint import CheckpointInfo
 from ml.config import EventLevel, Interrupt, RecipeConfig
 from ml.errors import InputError
 from ml.models.base import BaseModelSpec, LocalBase
+
+if TYPE_CHECKING:
+    from ml.training.recipe import TrainingRecipe
 
 FINAL_DIR = "final"  # under the workdir: the consolidated weights of a completed run
 
@@ -117,6 +120,17 @@ def _init_group(spec: LaunchSpec) -> str:
     return f"cuda:{local_rank}" if use_cuda else "cpu"
 
 
+def _load_whole(recipe: TrainingRecipe, weights: Path) -> None:
+    """Rank 0 swaps its shard of an FSDP model for a plain copy of the consolidated final weights, so
+    the evaluation report (generation, scoring) needs no collective while the other ranks wait."""
+    import torch
+
+    from ml.modeling import load_task_model
+
+    model: torch.nn.Module = load_task_model(recipe.task, weights, recipe.tokenizer, recipe.label_names)
+    recipe.model = model.to(recipe.device)
+
+
 def run(spec: LaunchSpec) -> int:
     import torch.distributed as dist
 
@@ -142,13 +156,18 @@ def run(spec: LaunchSpec) -> int:
     try:
         recipe.setup()
         outcome = recipe.train()
+        if outcome.completed and recipe.world.sharded:  # every rank sends its shards; rank 0 writes
+            recipe.save_checkpoint(workdir / FINAL_DIR, with_state=False)
         if main:
             report = None
             if outcome.completed:
-                recipe.save_checkpoint(workdir / FINAL_DIR, with_state=False)
+                if not recipe.world.sharded:
+                    recipe.save_checkpoint(workdir / FINAL_DIR, with_state=False)
                 if spec.report:
                     from ml.evaluation import safe_report
 
+                    if recipe.world.sharded:  # the report runs on rank 0 alone: on the exported weights
+                        _load_whole(recipe, workdir / FINAL_DIR)
                     report = safe_report(recipe, spec.validation_file, hooks)
             outcome_data = asdict(outcome) | {"interrupt": outcome.interrupt.value if outcome.interrupt else None}
             channel.send("outcome", outcome=outcome_data, report=report)

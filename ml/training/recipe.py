@@ -38,7 +38,7 @@ from ml.config import (
 )
 from ml.data.packing import pack_rows, row_lengths
 from ml.errors import InputError, TrainingDataError
-from ml.evaluation import Batch, score
+from ml.evaluation import Batch, score, score_sums, task_metrics
 from ml.modeling import (
     ADAPTER_KINDS,
     apply_qlora,
@@ -56,9 +56,9 @@ from ml.modeling import (
     upcast_trainable,
 )
 from ml.models.base import LocalBase
+from ml.training import compiled, dpo
 from ml.training import data as D
-from ml.training import dpo
-from ml.training.distributed import World
+from ml.training.distributed import ConsolidatedOptimizer, World, full_model_state
 from ml.training.losses import loss_sum
 from ml.training.metrics import improved
 from ml.training.packing import PACKED_KEY, PackedCollator, use_packed_attention
@@ -97,6 +97,7 @@ class StepResult:
     tokens: int
     lr: float
     stats: dict[str, float] = field(default_factory=dict)  # DPO: per-pair stat sums (`dpo.StepStats`)
+    rank_tokens: int = 0  # this rank's share of `tokens` (per-rank throughput in a group)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class TrainingRecipe:
         self.task = Task(cfg.task)
         self.kind = TrainingKind(cfg.training_type.type)
         self.progress = Progress()
-        self.world = World.current()  # one process unless `ml.training.launch` started a group
+        self.world = World.current(cfg.resources.strategy)  # one process unless `ml.training.launch` started a group
         self.dpo = dpo.Objective(cfg.beta) if cfg.method is Method.dpo else None
         self.train_set: list[Any] = []  # `D.Example`s, or DPO's `D.Pair`s
         self.valid_set: list[Any] = []
@@ -164,6 +165,7 @@ class TrainingRecipe:
         self._resume_rng: RngState | None = None
         self._eval_cache: list[Batch] | None = None
         self._train_seconds = 0.0  # time spent in training steps since the last log (not eval/saving)
+        self._rank_tokens = 0  # this rank's tokens since the last log
         self._mark = 0.0  # perf_counter at the last `_tick`
 
     # --- setup --------------------------------------------------------------------------------
@@ -180,8 +182,9 @@ class TrainingRecipe:
         self._encode(train_records, valid_records)
         self._fit_memory()  # before the weights go to the device: fail fast instead of running out of memory
         self.model = self._place(self.model)
-        self.net = self._wrap(self.model)  # what the training forward runs: DDP over `model` in a group
+        self.net = self.world.wrap(self.model, self.device)  # DDP over `model` in a group; FSDP shards it in place
         self._build_optimizer()
+        self._compile()
         if self.resume_dir is not None:
             self._restore(state_dir(self.resume_dir))
         self._prepare_reference()
@@ -314,14 +317,16 @@ class TrainingRecipe:
             {"params": decay, "weight_decay": self.cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.cfg.learning_rate)
+        self.optimizer = compiled.adamw([g for g in groups if g["params"]], self.cfg.learning_rate)
         warmup = math.ceil(self.cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg.lr_scheduler, warmup, self.total_steps)
         )
 
     def _restore(self, state_dir: Path) -> None:
-        rng, state = load_state(state_dir, self.optimizer, self.scheduler, self.scaler)
+        optimizer = ConsolidatedOptimizer(self.model, self.optimizer).as_optimizer() if self.world.sharded \
+            else self.optimizer  # FSDP: every rank reads the full state and keeps its shard
+        rng, state = load_state(state_dir, optimizer, self.scheduler, self.scaler)
         self.progress = Progress(**state)
         self._resume_rng = rng
 
@@ -335,7 +340,8 @@ class TrainingRecipe:
             f"{self.device}; {n_trainable:,} of {n_total:,} parameters trainable ({self.kind})"
         )
         if self.world.distributed:
-            text += f"; data parallel over {self.world.size} processes ({self.world.backend})"
+            how = "fully sharded data parallel (FSDP)" if self.world.sharded else "data parallel"
+            text += f"; {how} over {self.world.size} processes ({self.world.backend})"
         if self.resume_dir is not None:
             text += f"; resuming at step {p.step} (epoch {p.epoch}, step {p.step_in_epoch} in it)"
         self.hooks.message(
@@ -345,7 +351,7 @@ class TrainingRecipe:
                 "total_steps": self.total_steps,
                 "trainable_parameters": n_trainable,
                 "device": str(self.device),
-                **self.world.describe(),
+                **self.world.describe(self.model),
             },
         )
         if self.skipped:
@@ -369,15 +375,30 @@ class TrainingRecipe:
         """Refuse what this worker cannot train before loading anything (the runner fails the job with it)."""
         self.precision = Precision.resolve(self.cfg.precision, self.device)
         self.scaler = self.precision.scaler()
-        if self.world.distributed and (self.cfg.method is Method.dpo or self.cfg.packing
-                                       or self.kind is TrainingKind.qlora):
-            raise InputError("multi-device training does not support DPO, packing or QLoRA yet",
-                             param="resources")
+        if self.world.distributed and self.kind is TrainingKind.qlora:
+            raise InputError("multi-device training does not support QLoRA yet", param="resources")
+        if self.world.sharded:
+            self._check_sharding()
         if self.kind is TrainingKind.qlora:
             if self.task is not Task.causal_lm:
                 raise InputError("QLoRA trains causal_lm jobs only", param="training_type")
             if (why := qlora_unavailable(self.device)) is not None:
                 raise InputError(why, param="training_type")
+
+    def _check_sharding(self) -> None:
+        """FSDP shards full fine-tunes. An adapter's trainable state is a few MB (sharding it saves
+        nothing worth a second code path: DDP trains it), and fp16's loss scaler would need every rank
+        to agree on skipped steps over sharded gradients, which `torch.amp.GradScaler` does not do."""
+        if self.kind not in (TrainingKind.full, TrainingKind.freeze):
+            raise InputError(f"resources.strategy=fsdp shards full fine-tunes (training_type full or freeze), "
+                             f"not {self.kind}: use ddp", param="resources.strategy",
+                             code="unsupported_resources")
+        if self.precision.name == "fp16":
+            raise InputError("resources.strategy=fsdp trains in bf16 or fp32, not fp16", param="precision",
+                             code="unsupported_resources")
+        if self.dpo is not None:
+            raise InputError("resources.strategy=fsdp does not train DPO yet: use ddp", param="resources.strategy",
+                             code="unsupported_resources")
 
     def _build_qlora_model(self) -> torch.nn.Module:
         model = load_quantized_model(self.sources.weights, self.device, self.precision.dtype or torch.float32)
@@ -390,14 +411,6 @@ class TrainingRecipe:
         placed = model if self.kind is TrainingKind.qlora else model.to(self.device)
         upcast_trainable(placed)
         return placed
-
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        if not self.world.distributed:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
 
     def _plan_packing(self) -> None:
         """Packed SFT plans batches over rows of several examples (`ml.data.packing`): `train_lengths`
@@ -427,7 +440,7 @@ class TrainingRecipe:
             self.task, self.kind, rows=self.cfg.batch_size * pair_rows, seq_len=max(self.train_lengths),
             precision=self.precision.name,  # type: ignore[arg-type]
             device=self.device.type, lora_r=tt.lora_r, lora_targets=targets, virtual_tokens=virtual,
-            num_labels=len(self.label_names or []) or 1,
+            num_labels=len(self.label_names or []) or 1, world=self.world.size, sharded=self.world.sharded,
         )
 
     def _fit_memory(self) -> None:
@@ -463,6 +476,19 @@ class TrainingRecipe:
             return free + (weights if self.kind is TrainingKind.qlora else 0)
         available = memory.host_available_bytes() if self.device.type == "cpu" else None
         return None if available is None else available + weights
+
+    def _compile(self) -> None:
+        """`torch.compile` the training forward when asked, or when it pays (`ml.training.compiled`)."""
+        blocker = None
+        if self.kind is TrainingKind.qlora or self.dpo is not None or self.world.distributed:
+            blocker = "not supported with QLoRA, DPO or multi-device training yet"
+        elif self.packed_rows is not None or compiled.checkpointing_on(self.model):
+            blocker = "not supported with packing or gradient checkpointing yet"
+        plan = compiled.plan(self.cfg.compile, self.device, self.total_steps, blocker)
+        if plan.on:
+            self.net = compiled.compile_module(self.net)
+        if plan.on or self.cfg.compile is True:
+            self.hooks.message(f"Training forward: {plan.why}", data={"compile": plan.on})
 
     def _use_checkpointing(self, on: bool) -> None:
         if on:
@@ -539,17 +565,24 @@ class TrainingRecipe:
                     self.dpo.stats.reset()
                 return why
             with self._sync(last=j == len(batches) - 1):
-                loss = self._loss(batch) / total
+                loss = self._loss(batch, counted=bool(weight)) / total
                 loss = loss if weight else loss * 0.0
-                # DDP averages the ranks' gradients: scale up so that they sum instead
+                # DDP and FSDP average the ranks' gradients: scale up so that they sum instead
                 self._backward(loss * self.world.size if self.world.distributed else loss)
             loss_value += loss.item()
             tokens += int(batch["n_tokens"]) * int(weight)
         loss_value, summed_tokens = self.world.sum(loss_value, tokens)
         lr = float(self.optimizer.param_groups[0]["lr"])
         self._optimizer_step()
-        stats = self.dpo.stats.take() if self.dpo is not None else {}
-        return StepResult(loss_value, int(summed_tokens), lr, stats)
+        stats = self._step_stats()
+        return StepResult(loss_value, int(summed_tokens), lr, stats, rank_tokens=tokens)
+
+    def _step_stats(self) -> dict[str, float]:
+        """DPO's per-pair stat sums of the step, over every rank's pairs."""
+        if self.dpo is None:
+            return {}
+        local = self.dpo.stats.take()
+        return dict(zip(local, self.world.sum(*local.values()), strict=True))
 
     def _sync(self, last: bool) -> Any:
         """DDP all-reduces the gradients on the window's last backward only."""
@@ -568,11 +601,11 @@ class TrainingRecipe:
     ) -> dict[str, torch.Tensor]:
         return self.collator([examples[i] for i in idx], key)
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _loss(self, batch: dict[str, torch.Tensor], counted: bool = True) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        if self.dpo is not None:
+        if self.dpo is not None:  # through `net`: under DDP its forward is what syncs the gradients
             with self.precision.autocast():
-                return self.dpo.loss_sum(self.model, batch)
+                return self.dpo.loss_sum(self.net, batch, dpo.is_prompt_learning(self.model), counted)
         with self.precision.autocast():
             packed = PACKED_KEY in batch
             logits = forward_packed(self.net, batch) if packed else forward_logits(self.net, batch, self.task)
@@ -599,6 +632,7 @@ class TrainingRecipe:
         """Progress, logging, evaluation, checkpoints. Returns True when early stopping triggers."""
         p = self.progress
         p.trained_tokens += res.tokens
+        self._rank_tokens += res.rank_tokens
         p.last_loss, p.last_lr = res.loss, res.lr
         p.log_loss, p.log_steps, p.log_tokens = (
             p.log_loss + res.loss,
@@ -631,10 +665,20 @@ class TrainingRecipe:
                 "tokens_per_second": p.log_tokens / max(self._train_seconds, 1e-9),
                 "epoch": self._epoch_float(),
                 **dpo.means(p.log_stats),
+                **self._rank_rates(),
             },
         )
         p.log_loss, p.log_steps, p.log_tokens, p.log_stats = 0.0, 0, 0, {}
-        self._train_seconds = 0.0
+        self._train_seconds, self._rank_tokens = 0.0, 0
+
+    def _rank_rates(self) -> dict[str, float]:
+        """In a group, each rank's own tokens/s (`rank<r>_tokens_per_second`): a slow device or an
+        unbalanced shard shows up here, where the global rate only drops. Every rank logs at the same
+        steps, so the gather is a collective they all reach."""
+        if not self.world.distributed:
+            return {}
+        rates = self.world.gather_all(self._rank_tokens / max(self._train_seconds, 1e-9))
+        return {f"rank{r}_tokens_per_second": rate for r, rate in enumerate(rates)}
 
     # --- evaluation and early stopping --------------------------------------------------------
 
@@ -648,18 +692,45 @@ class TrainingRecipe:
 
     def evaluate(self) -> dict[str, float] | None:
         """Validation loss + task metrics, reported through hooks. None if interrupted midway. In a
-        group rank 0 evaluates alone (the others wait at the next collective)."""
-        if not self.world.main:
-            return None
+        DDP group rank 0 evaluates alone (the others wait at the next collective); under FSDP every rank
+        runs the same batches (each layer's forward all-gathers its weights) and stops on rank 0's
+        interrupt, and only rank 0's hooks report."""
         names = self.label_names
+        if self.world.distributed and not self.world.sharded and self.dpo is None:
+            return self._evaluate_split(names)
+        if not self.world.main and not self.world.sharded:
+            return None
+        stop = self._interrupted if self.world.sharded else self.hooks.interrupted
         if self.dpo is not None:
-            metrics = dpo.evaluate(self.model, self.eval_batches(), self.cfg.beta, self.device, self.hooks.interrupted)
+            metrics = dpo.evaluate(self.model, self.eval_batches(), self.cfg.beta, self.device, stop)
         else:
-            metrics = score(self.model, self.eval_batches(), self.task, self.device, len(names or []),
-                            self.hooks.interrupted, names)
+            metrics = score(self.model, self.eval_batches(), self.task, self.device, len(names or []), stop, names)
         if metrics is not None:
             self.progress.last_eval_step, self.progress.eval_metrics = self.progress.step, metrics
             self.hooks.metrics(self.progress.step, metrics)
+        return metrics
+
+    def _evaluate_split(self, names: list[str] | None) -> dict[str, float] | None:
+        """DDP: each rank scores every N-th validation batch (an N-th of the time) and the ranks add up
+        their loss sums and gather their predictions. Only rank 0 watches for a cancel; whether it
+        finished is agreed, so every rank records the evaluation alike (and meets the same collectives
+        at the next one)."""
+        w = self.world
+        mine = score_sums(self.model, self.eval_batches()[w.rank :: w.size], self.task, self.device,
+                          self.hooks.interrupted if w.main else None)
+        if not w.agree(int(mine is not None)) or mine is None:
+            return None
+        loss, count = w.sum(mine.loss, mine.count)
+        preds: list[torch.Tensor] = []
+        targets: list[torch.Tensor] = []
+        if self.task in (Task.classification, Task.regression):
+            dtype = torch.long if self.task is Task.classification else torch.float32
+            for local, merged in ((mine.preds, preds), (mine.targets, targets)):
+                rows = torch.cat(local) if local else torch.zeros(0)
+                merged.append(w.gather_rows(rows).to(dtype))
+        metrics = task_metrics(self.task, loss / max(count, 1.0), preds, targets, len(names or []), names)
+        self.progress.last_eval_step, self.progress.eval_metrics = self.progress.step, metrics
+        self.hooks.metrics(self.progress.step, metrics)
         return metrics
 
     def eval_batches(self) -> list[Batch]:
@@ -730,13 +801,17 @@ class TrainingRecipe:
 
     def _checkpoint(self, rng: RngState | None = None) -> None:
         self.progress.last_ckpt_step = self.progress.step
-        if self.world.main:  # the ranks' weights and optimizer states are identical
+        # DDP: the ranks' weights and optimizer states are identical, rank 0 saves alone; FSDP: every
+        # rank sends its shards to rank 0, which saves
+        if self.world.main or self.world.sharded:
             local_dir = self.workdir / f"checkpoint-{self.progress.step:08d}-{uuid.uuid4().hex[:8]}"
             info = self._save(local_dir, with_state=True, rng=rng or capture_rng())
-            self.hooks.checkpoint(local_dir, info)
+            if self.world.main:
+                self.hooks.checkpoint(local_dir, info)
         self.world.barrier()
 
     def save_checkpoint(self, local_dir: Path, with_state: bool = True) -> CheckpointInfo:
+        """Rank 0 writes; under FSDP every rank must call it (the weights are gathered)."""
         return self._save(Path(local_dir), with_state, capture_rng())
 
     def _save(self, local_dir: Path, with_state: bool, rng: RngState) -> CheckpointInfo:
@@ -752,9 +827,18 @@ class TrainingRecipe:
             problem_type=PROBLEM_TYPES.get(self.task),
             base_checkpoint_key=self.cfg.init_checkpoint_key if adapter_on_checkpoint else None,
         )
-        checkpoint.save(local_dir, self.model, self.tokenizer, info)
+        full: dict[str, torch.Tensor] | None = None
+        optimizer: torch.optim.Optimizer = self.optimizer
+        if self.world.sharded:  # collectives: rank 0 gets the whole weights and optimizer state
+            full, view = full_model_state(self.model), ConsolidatedOptimizer(self.model, self.optimizer)
+            if with_state:
+                view.gather()
+            optimizer = view.as_optimizer()
+        if not self.world.main:
+            return info
+        checkpoint.save(local_dir, self.model, self.tokenizer, info, state_dict=full)
         if with_state:
-            save_state(state_dir(local_dir), self.optimizer, self.scheduler, rng, asdict(self.progress), self.scaler)
+            save_state(state_dir(local_dir), optimizer, self.scheduler, rng, asdict(self.progress), self.scaler)
             if self.dpo is not None:
                 self.reference.save(state_dir(local_dir), self._pair_sets())
         return info

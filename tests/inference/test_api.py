@@ -185,7 +185,7 @@ def test_unknown_and_foreign_models_are_404(project_client: Client, other_client
                                             arts: Artifacts) -> None:
     client, project = project_client
     name = _model(db, project, arts.cls_a, "classification")
-    for model in ("ft:nope:x:y:ftjob-missing", "minilm-l6", "whatever"):
+    for model in ("ft:nope:x:y:ftjob-missing", "whatever"):  # base ids: test_base_serving.py
         resp = client.post("/v1/predictions", json={"model": model, "input": "x"})
         err = _error(resp, 404, "model_not_found")
         assert err["param"] == "model"

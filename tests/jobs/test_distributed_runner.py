@@ -52,6 +52,8 @@ def test_a_two_process_job_runs_through_the_worker(client: TestClient) -> None:
     assert announce["data"]["world_size"] == 2 and announce["data"]["backend"] == "gloo"
     steps = [e["data"]["step"] for e in events if e["type"] == "metrics" and "train_loss" in e["data"]]
     assert steps == sorted(steps) and steps[-1] == job["progress"]["step"]
+    launch = job["progress"]["launch"]
+    assert (launch["world_size"], launch["nodes"], launch["strategy"], launch["backend"]) == (2, 1, "ddp", "gloo")
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert client.get(f"/v1/models/{job['fine_tuned_model']}").status_code == 200
 

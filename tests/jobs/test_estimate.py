@@ -16,6 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs import estimate as E
+from app.jobs import eta
 from app.kit import ids
 from app.kit.db import get_engine, utcnow
 from app.models_registry.catalog import get_spec, load_catalog, local_base
@@ -30,6 +31,12 @@ from tests.conftest import USING_PG
 from tests.e2e.data import chat_rows
 from tests.jobs.realdb import committed_clients
 from tests.ml.training import datasets as ds
+
+
+@pytest.fixture(autouse=True)
+def _steady_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's load changes between two estimates of a test: pin it (test_load_factor checks it)."""
+    monkeypatch.setattr(E.os, "getloadavg", lambda: (E.eta.TABLE_LOAD_PER_CORE * (E.os.cpu_count() or 1),) * 3)
 
 
 def _upload(client: TestClient, rows: list[dict[str, Any]], name: str = "t.jsonl") -> str:
@@ -61,10 +68,16 @@ def test_estimate_counts_tokens_like_the_trainer(client: TestClient, db: Session
     assert (out["n_epochs"], out["batch_size"], out["steps"]) == (3, 4, 3 * math.ceil(30 / 4))
     assert out["trained_tokens"] == 3 * out["train_tokens"]
     assert out["basis"] == "default" and out["sampled"] is False
-    tps = E.default_tokens_per_second("tiny-lm", E.TrainingKind.lora)
-    assert out["tokens_per_second"] == pytest.approx(tps)
-    work = out["trained_tokens"] + E.EVAL_COST * out["validation_tokens"] * 3
-    assert out["estimated_seconds"] == pytest.approx(E.STARTUP_SECONDS + work / tps, abs=0.1)
+    tps = E.default_tokens_per_second("tiny-lm", E.TrainingKind.lora) * out["counts"]["speedup"]
+    assert out["tokens_per_second"] == pytest.approx(tps, abs=0.1)
+    b = out["breakdown"]  # every phase of the job, and they add up
+    assert b["train"] == pytest.approx(out["trained_tokens"] / tps + out["steps"] * eta.STEP_OVERHEAD_SECONDS, abs=0.1)
+    assert out["counts"]["evaluations"] == 3 and out["counts"]["checkpoints"] == 3  # once per epoch
+    assert b["evaluations"] >= 0 and b["checkpoints"] > 0 and b["report"] > 0 and b["final"] > 0
+    assert b["queue"] == out["queue_seconds"] == pytest.approx(eta.DISPATCH_SECONDS)  # nothing ahead
+    phases = ("setup", "train", "evaluations", "checkpoints", "report", "final")
+    assert out["run_seconds"] == pytest.approx(sum(b[k] for k in phases), abs=0.5)
+    assert out["estimated_seconds"] == pytest.approx(out["queue_seconds"] + out["run_seconds"], abs=0.2)
     cached = db.get(File, body["training_file"]).stats["token_counts"]  # type: ignore[union-attr]
     assert cached["causal_lm/tiny-lm/64"]["tokens"] == out["train_tokens"]
     body["max_seq_length"] = 16  # the answers start later: nothing left to learn from
@@ -147,8 +160,11 @@ def test_create_job_sets_estimated_finish(client: TestClient, db: Session) -> No
     job = r.json()
     body = {"model": "tiny-lm", "training_file": file_id, "hyperparameters": {"n_epochs": 2, "batch_size": 4}}
     est = client.post("/v1/fine_tuning/estimate", json=body).json()
-    finish = before + timedelta(seconds=est["estimated_seconds"])
+    finish = before + timedelta(seconds=eta.DISPATCH_SECONDS + est["run_seconds"])  # nothing was ahead of it
     assert abs(job["estimated_finish"] - finish.timestamp()) < 5
+    # The queued job is ahead of the next one: its wait runs until that job's estimated finish.
+    wait = job["estimated_finish"] - utcnow().timestamp() + eta.DISPATCH_SECONDS
+    assert est["queue_seconds"] == pytest.approx(wait, abs=5) and est["breakdown"]["queue"] == est["queue_seconds"]
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
     (event,) = [e for e in events if e["message"].startswith("Estimated")]
     assert event["data"]["estimate"]["trained_tokens"] == est["trained_tokens"]
@@ -235,3 +251,11 @@ def test_tokenizing_holds_no_transaction(committed_db: sessionmaker[Session], mo
     r = client.post(path, json={"model": "tiny-lm", "training_file": file_id, "max_seq_length": 64})
     assert r.status_code == 200, r.text
     assert seen == [(0, True)]
+
+
+def test_load_factor_in_embedded_mode_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = E.os.cpu_count() or 1
+    monkeypatch.setattr(E.os, "getloadavg", lambda: (2 * E.eta.TABLE_LOAD_PER_CORE * cores + 1,) * 3)
+    assert E.host_load_factor(True, "cpu") == pytest.approx(0.5 ** E.eta.LOAD_EXPONENT)  # twice the table's load
+    assert E.host_load_factor(False, "cpu") == 1.0  # the API's host is not the workers'
+    assert E.host_load_factor(True, "cuda") == 1.0

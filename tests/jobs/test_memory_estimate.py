@@ -159,3 +159,16 @@ def test_a_packed_job_trains_the_estimated_steps(real: TestClient) -> None:
     assert job["progress"]["step"] == est["steps"] and job["trained_tokens"] == est["trained_tokens"]
     events = real.get(f"{JOBS}/{created['id']}/events", params={"limit": 1000}).json()["data"]
     assert any((e["data"] or {}).get("packing") is True and "memory" in e["data"] for e in events)
+
+
+def test_estimate_is_per_device_and_faster_across_devices(client: TestClient, body: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "worker_devices", 2)
+    one = client.post(ESTIMATE, json=body).json()
+    ddp = client.post(ESTIMATE, json={**body, "resources": {"devices": 2}}).json()
+    fsdp = client.post(ESTIMATE, json={**body, "resources": {"devices": 2, "strategy": "fsdp"}}).json()
+    assert ddp["steps"] == one["steps"]  # batch_size is the global batch
+    assert ddp["memory"]["activations_bytes"] == one["memory"]["activations_bytes"] // 2  # 8 of 16 rows each
+    assert ddp["memory"]["optimizer_bytes"] == one["memory"]["optimizer_bytes"]  # replicas
+    assert fsdp["memory"]["optimizer_bytes"] * 2 == one["memory"]["optimizer_bytes"]  # shards
+    assert ddp["breakdown"]["train"] < one["breakdown"]["train"]

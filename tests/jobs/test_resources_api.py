@@ -36,11 +36,12 @@ def test_resources_default_to_one_device_and_are_echoed(client: TestClient, chat
 @pytest.mark.parametrize(("resources", "extra", "param"), [
     ({"devices": 0}, {}, "resources.devices"),
     ({"devices": 3}, {}, "resources.devices"),  # more than TUNEHOUSE_WORKER_DEVICES (2)
-    ({"nodes": 2}, {}, "resources.nodes"),
-    ({"strategy": "fsdp"}, {}, "resources.strategy"),
+    ({"nodes": 9}, {}, "resources.nodes"),  # more than TUNEHOUSE_MAX_NODES (8)
+    ({"strategy": "fsdp"}, {"training_type": "lora"}, "resources.strategy"),  # fsdp shards full fine-tunes
+    ({"strategy": "fsdp"}, {"training_type": "full", "precision": "fp16"}, "precision"),
     ({"strategy": "zero3"}, {}, "resources.strategy"),
     ({"gpus": 2}, {}, "resources.gpus"),
-    ({"devices": 2}, {"packing": True}, "resources.devices"),
+    ({"devices": 2}, {"training_type": "qlora"}, "resources.devices"),
 ])
 def test_resources_no_worker_can_satisfy_are_clear_400s(
     client: TestClient, chat_file: str, resources: dict[str, Any], extra: dict[str, Any], param: str,
@@ -53,3 +54,14 @@ def test_resources_no_worker_can_satisfy_are_clear_400s(
     err = r.json()["error"]
     assert err["param"] == param, err
     assert err["message"] and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(("strategy", "extra"), [("fsdp", {"training_type": "full"}), ("ddp", {"packing": True})])
+def test_fsdp_full_and_ddp_packing_are_accepted(client: TestClient, chat_file: str, strategy: str,
+                                                extra: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(get_settings(), "worker_devices", 2)
+    body = {"model": "tiny-lm", "training_file": chat_file, "resources": {"devices": 2, "strategy": strategy},
+            **extra}
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["resources"] == {"devices": 2, "nodes": 1, "strategy": strategy}

@@ -203,8 +203,10 @@ def test_sign_in_upload_train_and_try_the_model(stack: str, console_key: str, br
     page.text_in("#evaluation table.report", "loss", timeout=20)
     page.shot("job", height=1900)
 
-    # The playground: the final model and its first checkpoint answer side by side.
+    # The playground: the base model and the fine-tuned model answer the same prompt side by side.
     page.css("#try-model").click()
+    assert page.css("#pg-side-0").get_attribute("value") == "tiny-lm"
+    assert page.css("#pg-side-1").get_attribute("value").startswith("ft:tiny-lm:")
     page.css("#pg-input").send_keys("What is the capital of Peru?")
     page.css("#pg-run").click()
     for side in (0, 1):

@@ -363,9 +363,11 @@ async function modelsPage() {
     { id: "model-list" })));
 }
 
-async function servable(model) {
-  // The fine-tuned model and its job's checkpoints (the earliest is the closest to the base model).
-  const out = [{ id: model.id, label: `${model.id} (final)` }];
+async function servable(model, chat) {
+  // A causal LM's base model is served as itself (first); then the fine-tuned model and its job's
+  // checkpoints. A base classifier's head is untrained, so classifiers compare checkpoints only.
+  const out = chat && model.base_model ? [{ id: model.base_model, label: `${model.base_model} (base)` }] : [];
+  out.push({ id: model.id, label: `${model.id} (final)` });
   if (model.fine_tuning_job) {
     const ckpts = (await get(`/v1/fine_tuning/jobs/${model.fine_tuning_job}/checkpoints?limit=100`)).data;
     ckpts.sort((a, b) => a.step_number - b.step_number);
@@ -384,12 +386,13 @@ async function playgroundPage(params) {
   const task = chosen.tasks[0];
   const picker = h("select", { id: "pg-model", onchange: () => { location.hash = `#/playground?model=${encodeURIComponent(picker.value)}`; } },
     tuned.map((m) => h("option", { value: m.id, selected: m.id === chosen.id }, m.id)));
-  const options = await servable(chosen);
+  const isChat = task === "causal_lm";
+  const options = await servable(chosen, isChat);
+  // chat: base | final; classifiers: final | earliest checkpoint
   const side = (i) => h("select", { id: `pg-side-${i}` },
-    options.map((o, j) => h("option", { value: o.id, selected: j === (i === 0 ? 0 : Math.min(1, options.length - 1)) },
+    options.map((o, j) => h("option", { value: o.id, selected: j === Math.min(i, options.length - 1) },
       o.label)));
   const sides = [side(0), side(1)];
-  const isChat = task === "causal_lm";
   const prompt = h("textarea", { id: "pg-input", rows: 4, cols: 60,
     placeholder: isChat ? "Ask something…" : "One text per line" });
   const outs = [h("div", { class: "pg-out", id: "pg-out-0" }), h("div", { class: "pg-out", id: "pg-out-1" })];
@@ -414,8 +417,12 @@ async function playgroundPage(params) {
   };
   clear(main).append(section("Playground",
     h("p", {}, field("Model", picker), ` task: ${task}`),
-    h("p", { class: "muted" }, "Side by side: the final model and an earlier checkpoint (the earliest is closest to ",
-      `the base model ${chosen.base_model ?? ""}). The job page's evaluation report compares base and fine-tuned.`),
+    h("p", { class: "muted", id: "pg-help" }, isChat
+      ? `Side by side: the base model ${chosen.base_model ?? ""} and the fine-tuned model, the same prompt to both `
+        + "(any checkpoint can be picked on either side)."
+      : "Side by side: the final model and an earlier checkpoint (the earliest is closest to the base model "
+        + `${chosen.base_model ?? ""}). A base model is not served for predictions: its classification head is `
+        + "untrained, so the job page's evaluation report is the base-vs-fine-tuned comparison."),
     h("form", { id: "pg-form", onsubmit: run }, prompt, isChat ? field("Max tokens", maxTokens) : null,
       h("button", { type: "submit", id: "pg-run" }, isChat ? "Send" : "Predict")),
     h("div", { class: "columns" }, sides.map((s, i) => h("div", { class: "card" }, s, outs[i])))));

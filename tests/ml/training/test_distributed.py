@@ -34,12 +34,13 @@ def lora_cfg(kind: str = "lora", **overrides: Any) -> RecipeConfig:
 
 
 def launch(cfg: RecipeConfig, train: Path, workdir: Path, nproc: int,
-           resume_dir: Path | None = None, ok: bool = True) -> list[dict[str, Any]]:
+           resume_dir: Path | None = None, ok: bool = True, valid: Path | None = None) -> list[dict[str, Any]]:
     """Runs the group to the end; returns rank 0's channel lines."""
     workdir.mkdir(parents=True, exist_ok=True)
     base = local_base(cfg.base_model)
     spec = LaunchSpec(config=cfg, base=base.spec, base_path=str(base.path), workdir=str(workdir),
-                      train_path=str(train), resume_dir=str(resume_dir) if resume_dir else None, device="cpu",
+                      train_path=str(train), valid_path=str(valid) if valid else None,
+                      resume_dir=str(resume_dir) if resume_dir else None, device="cpu",
                       events=str(workdir / "events.jsonl"), control=str(workdir / "control"), report=False)
     (workdir / "spec.json").write_text(spec.model_dump_json())
     env = os.environ | {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -78,6 +79,8 @@ def test_two_processes_follow_the_single_process_curve(
     assert outcome["trained_tokens"] == single.outcome.trained_tokens  # every row counted once
     first = next(m for m in lines if m["kind"] == "message" and "data parallel" in m["text"])
     assert first["data"]["world_size"] == 2 and first["data"]["backend"] == "gloo"
+    logged = next(m["values"] for m in lines if m["kind"] == "metrics" and "train_loss" in m["values"])
+    assert logged["rank0_tokens_per_second"] > 0 and logged["rank1_tokens_per_second"] > 0  # per-rank throughput
     weights = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
     assert (tmp_path / "group" / "final" / weights).exists()  # one consolidated copy
 
@@ -138,3 +141,53 @@ def test_a_users_error_comes_back_as_one_error_line(tmp_path: Path) -> None:
     lines = launch(lora_cfg(), broken, tmp_path / "group2", nproc=2, ok=False)
     (err,) = [m for m in lines if m["kind"] in ("error", "outcome")]
     assert err["internal"] and err["message"].startswith("RecordError")
+
+
+def test_ddp_ranks_split_the_evaluation_and_report_the_single_process_metrics(
+    tmp_path: Path, run_recipe: Callable[..., Run]
+) -> None:
+    """Each rank scores every other validation batch (11 rows in batches of 4: 3 batches, so rank 1
+    scores one); the merged sums and predictions give one process's metrics, per-class recall included."""
+    rows = ds.sentiment_rows(36)
+    train = ds.write_jsonl(tmp_path / "train.jsonl", rows[:25])
+    valid = ds.write_jsonl(tmp_path / "valid.jsonl", rows[25:])
+    cfg = make_cfg("tiny-lm", "classification", "lora", batch_size=4, n_epochs=1, eval_every_steps=3,
+                   learning_rate=2e-2, checkpoint_every_steps=0, training_type={"lora_dropout": 0.0})
+    single = run_recipe(cfg, train, valid)
+    lines = launch(cfg, train, tmp_path / "group", nproc=2, valid=valid)
+
+    expected = {step: m for step, m in single.hooks.eval_metrics}
+    got = {m["step"]: m["values"] for m in lines if m["kind"] == "metrics" and "valid_loss" in m["values"]}
+    assert got.keys() == expected.keys() and len(got) >= 2
+    for step, metrics in got.items():
+        assert metrics.keys() == expected[step].keys()
+        assert any(k.startswith("recall_") for k in metrics)
+        for key, value in metrics.items():
+            assert abs(value - expected[step][key]) <= TOL * max(1.0, abs(expected[step][key])), (step, key)
+
+
+@pytest.mark.parametrize("variant", ["dpo", "packing"])
+def test_dpo_and_packing_follow_the_single_process_curve(
+    tmp_path: Path, run_recipe: Callable[..., Run], variant: str
+) -> None:
+    """DPO: each rank takes whole pairs of every micro-batch (7 pairs in batches of 4: rank 1 gets one
+    pair of the last), the pair stats are summed over ranks. Packing: each rank takes packed rows."""
+    if variant == "dpo":
+        train = ds.write_jsonl(tmp_path / "train.jsonl", ds.preference_rows(15))
+        cfg = lora_cfg(method="dpo", beta=0.1, batch_size=4, learning_rate=1e-2)
+        keys = ("train_loss", "reward_margin", "chosen_reward")  # accuracy thresholds ~0 margins: noise
+    else:
+        train = ds.write_jsonl(tmp_path / "train.jsonl", ds.chat_rows(40))
+        cfg = lora_cfg(packing=True, max_seq_length=96)
+        keys = ("train_loss",)
+    single = run_recipe(cfg, train)
+    lines = launch(cfg, train, tmp_path / "group", nproc=2)
+
+    expected = dict(single.hooks.train_metrics)
+    got = {m["step"]: m["values"] for m in lines if m["kind"] == "metrics" and "train_loss" in m["values"]}
+    assert got.keys() == expected.keys() and len(got) >= 2
+    for step, values in got.items():
+        for key in keys:
+            assert abs(values[key] - expected[step][key]) <= TOL * max(1.0, abs(expected[step][key])), (step, key)
+    outcome = next(m for m in lines if m["kind"] == "outcome")["outcome"]
+    assert outcome["trained_tokens"] == single.outcome.trained_tokens

@@ -244,6 +244,20 @@ def test_plan_turns_checkpointing_on_only_when_needed() -> None:
         Task.causal_lm, TrainingKind.lora, rows=1, seq_len=8)).weights_bytes
 
 
+
+def test_per_device_memory_splits_rows_and_fsdp_shards() -> None:
+    shape = memory.shape_from_dir(local_base("tiny-lm").path)
+    assert shape is not None
+    one = memory.estimate(shape, memory.Workload(Task.causal_lm, TrainingKind.full, rows=8, seq_len=64))
+    ddp = memory.estimate(shape, memory.Workload(Task.causal_lm, TrainingKind.full, rows=8, seq_len=64, world=4))
+    fsdp = memory.estimate(shape, memory.Workload(Task.causal_lm, TrainingKind.full, rows=8, seq_len=64, world=4,
+                                                  sharded=True))
+    assert ddp.activations_bytes * 4 == one.activations_bytes  # 2 of the micro-batch's 8 rows per device
+    assert (ddp.weights_bytes, ddp.optimizer_bytes) == (one.weights_bytes, one.optimizer_bytes)  # replicas
+    assert fsdp.optimizer_bytes * 4 == one.optimizer_bytes and fsdp.gradients_bytes * 4 == one.gradients_bytes
+    assert one.weights_bytes / 4 < fsdp.weights_bytes < one.weights_bytes  # a quarter + two gathered blocks
+
+
 MEASURE = """
 import json, sys, torch
 from pathlib import Path
