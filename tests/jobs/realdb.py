@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.auth.service import create_api_key, get_or_create_project
 from app.jobs.runner import run_job
 from app.main import create_app
+from tests.e2e.data import chat_rows
 
 
 def committed_clients(factory: sessionmaker[Session], *projects: str) -> list[TestClient]:
@@ -45,3 +46,17 @@ def train(client: TestClient, rows: list[dict[str, Any]], task: str, kind: str, 
     assert run_job(r.json()["id"], "test-worker") == "succeeded", client.get(
         f"/v1/fine_tuning/jobs/{r.json()['id']}").json()["error"]
     return dict(client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}").json())
+
+
+def create_group_job(client: TestClient, resources: dict[str, Any], **extra: Any) -> str:
+    """A queued tiny-lm LoRA chat job on several processes (`resources`)."""
+    body = job_body(upload(client, chat_rows(24)), "causal_lm", "lora", 2e-2, resources=resources, **extra)
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"] == "queued"
+    return str(r.json()["id"])
+
+
+def events_oldest_first(client: TestClient, job_id: str) -> list[dict[str, Any]]:
+    data = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    return list(reversed(data))

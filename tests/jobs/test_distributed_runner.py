@@ -16,8 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs.runner import run_job
 from app.orm import Checkpoint
-from tests.e2e.data import chat_rows
-from tests.jobs.realdb import committed_clients, job_body, upload
+from tests.jobs.realdb import committed_clients, create_group_job, events_oldest_first
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 DEADLINE_S = 300
@@ -29,16 +28,11 @@ def client(committed_db: sessionmaker[Session]) -> TestClient:
 
 
 def _create(client: TestClient, **extra: Any) -> str:
-    body = job_body(upload(client, chat_rows(24)), "causal_lm", "lora", 2e-2,
-                    resources={"devices": 2, "strategy": "ddp"}, **extra)
-    r = client.post("/v1/fine_tuning/jobs", json=body)
-    assert r.status_code == 200, r.text
-    return str(r.json()["id"])
+    return create_group_job(client, {"devices": 2, "strategy": "ddp"}, **extra)
 
 
 def _events(client: TestClient, job_id: str) -> list[dict[str, Any]]:
-    data = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-    return list(reversed(data))  # oldest first
+    return events_oldest_first(client, job_id)
 
 
 def test_a_two_process_job_runs_through_the_worker(client: TestClient) -> None:

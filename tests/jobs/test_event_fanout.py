@@ -16,36 +16,21 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.auth.service import create_api_key, get_or_create_project
 from app.jobs import stream
 from app.jobs.events import add_event
 from app.kit import ids
 from app.kit.db import get_engine
 from app.main import create_app
 from app.orm import File, Job, Project
+from tests.jobs.factories import seed_key_and_job
 from tests.kit.test_concurrency import live_server
 
 DEADLINE_S = 120.0  # for a stuck stream, not a latency bound
 
 
 def _seed(factory: sessionmaker[Session], name: str, events: int, status: str = "running") -> tuple[str, str]:
-    """A project's key and a job with `events` events (rows only: nothing trains)."""
-    with factory() as s:
-        project = get_or_create_project(s, name)
-        key = create_api_key(s, project, "t")
-        file = File(id=ids.file_id(), project_id=project.id, purpose="fine-tune", filename="t.jsonl",
-                    storage_key="files/none")
-        s.add(file)
-        s.flush()
-        job = Job(id=ids.job_id(), project_id=project.id, model="minilm-l6", training_file=file.id, seed=0,
-                  task="classification", training_type={"type": "lora"}, hyperparameters={},
-                  config={"base_model": "minilm-l6"}, status=status, suffix="t")
-        s.add(job)
-        s.flush()
-        for i in range(events):
-            add_event(s, job.id, f"event {i}")
-        s.commit()
-        return key, job.id
+    key, _, job = seed_key_and_job(factory, name, status, events)
+    return key, job.id
 
 
 def _append(factory: sessionmaker[Session], job_id: str, n: int, status: str | None = None) -> None:

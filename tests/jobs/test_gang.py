@@ -28,8 +28,7 @@ from app.kit.db import utcnow
 from app.orm import Checkpoint, GangSeat, Job
 from app.settings import get_settings
 from tests.conftest import USING_REDIS
-from tests.e2e.data import chat_rows
-from tests.jobs.realdb import committed_clients, job_body, upload
+from tests.jobs.realdb import committed_clients, create_group_job, events_oldest_first
 from tests.jobs.worker_factories import committed_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "empty_training_queue"),
@@ -44,17 +43,11 @@ def client(committed_db: sessionmaker[Session]) -> TestClient:
 
 
 def _create(client: TestClient, **extra: Any) -> str:
-    body = job_body(upload(client, chat_rows(24)), "causal_lm", "lora", 2e-2,
-                    resources={"devices": 1, "nodes": 2, "strategy": "ddp"}, **extra)
-    r = client.post("/v1/fine_tuning/jobs", json=body)
-    assert r.status_code == 200, r.text
-    assert r.json()["status"] == "queued"
-    return str(r.json()["id"])
+    return create_group_job(client, {"devices": 1, "nodes": 2, "strategy": "ddp"}, **extra)
 
 
 def _events(client: TestClient, job_id: str) -> list[dict[str, Any]]:
-    data = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
-    return list(reversed(data))  # oldest first
+    return events_oldest_first(client, job_id)
 
 
 def _seats(factory: sessionmaker[Session], job_id: str) -> int:

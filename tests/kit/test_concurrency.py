@@ -19,13 +19,12 @@ import uvicorn
 from fastapi import FastAPI
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.auth.service import create_api_key, get_or_create_project
 from app.inference.schemas import PredictionList, PredictionRequest, Usage
-from app.kit import ids
 from app.kit.db import request_slots
 from app.main import create_app
-from app.orm import File, FineTunedModel, Job, Project
+from app.orm import FineTunedModel, Job, Project
 from ml.inference.types import ModelRef
+from tests.jobs.factories import seed_key_and_job
 
 CLIENT_TIMEOUT_S = 300.0  # a deadline for a stuck server, not a latency bound
 
@@ -51,20 +50,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
 
 
 def _seed(factory: sessionmaker[Session], name: str) -> tuple[str, Project, Job]:
-    """A project, its key and one queued job (rows only: nothing trains)."""
-    with factory() as s:
-        project = get_or_create_project(s, name)
-        key = create_api_key(s, project, "t")
-        file = File(id=ids.file_id(), project_id=project.id, purpose="fine-tune", filename="t.jsonl",
-                    storage_key="files/none")
-        s.add(file)
-        s.flush()
-        job = Job(id=ids.job_id(), project_id=project.id, model="minilm-l6", training_file=file.id, seed=0,
-                  task="classification", training_type={"type": "lora"}, hyperparameters={},
-                  config={"base_model": "minilm-l6"}, status="queued", suffix="t")
-        s.add(job)
-        s.commit()
-    return key, project, job
+    return seed_key_and_job(factory, name)
 
 
 async def _gather(base: str, key: str, n: int, request: Any) -> Counter[Any]:
