@@ -1,5 +1,7 @@
 """The inference engine (a library): keeps models warm, batches concurrent requests per base and
-runs every forward on one worker thread under `torch.inference_mode`.
+runs every forward on one worker thread under `torch.inference_mode`. Predictions go in dynamic
+batches (`batcher`); generation is continuously batched (`scheduler`): requests join a running
+batch between decode steps and leave it as soon as they finish.
 
 Threads: callers (any event loop) -> the engine's own event loop thread (lanes / batchers) ->
 the single model thread. Tokenizing and reading model metadata happen in helper threads, so
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,15 +23,18 @@ from typing import Any, Protocol
 import torch
 
 from ml.errors import InputError, MLError, ModelLoadError
-from ml.inference import generation, loading, predict
+from ml.inference import loading, predict
 from ml.inference.batcher import GenerateItem, Item, Lane, LaneStats, PredictItem
 from ml.inference.cache import AdapterEntry, FullEntry, ModelCache
+from ml.inference.generation import GenRow, RunningBatch, Target
 from ml.inference.loading import BaseResolver, ModelMeta
 from ml.inference.predict import PredRow
 from ml.inference.sampling import GenEvent, RowDecoder, RowParams
+from ml.inference.scheduler import GenLane
 from ml.inference.types import ModelRef
 from ml.modeling import pick_device
 
+MAX_HOP_SECONDS = 0.5  # a hop returns to the lane at least this often (its stats, its queue)
 INLINE_ENCODE_CHARS = 2000  # inputs this short are tokenized on the caller's loop
 EventQueue = asyncio.Queue[tuple[int, GenEvent | BaseException]]
 
@@ -41,7 +47,7 @@ class DirStore(Protocol):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 32
+    max_batch_size: int = 32  # prediction batches; also the rows a generation lane runs at once
     max_wait_ms: float = 0.0  # > 0: an opt-in coalescing window (delays lone requests); see batcher
     max_adapters: int = 32
     max_bases: int = 2
@@ -55,7 +61,7 @@ class EngineConfig:
 @dataclass(frozen=True)
 class BatchRecord:
     lane: str
-    size: int
+    size: int  # generation: the running batch a join makes (rows already in it + the newcomers)
     adapters: int  # distinct models in the batch
 
 
@@ -70,6 +76,7 @@ class Engine:
         self._storage = storage
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="inference-model")
         self._lanes: dict[Hashable, Lane] = {}
+        self._gen_lanes: dict[Hashable, GenLane] = {}
         self._meta: OrderedDict[str, ModelMeta] = OrderedDict()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -165,10 +172,15 @@ class Engine:
     @staticmethod
     def _gen_item(meta: ModelMeta, index: int, ids: list[int], params: RowParams,
                   caller: asyncio.AbstractEventLoop, events: EventQueue) -> GenerateItem:
-        def put(value: GenEvent | BaseException) -> None:
-            caller.call_soon_threadsafe(events.put_nowait, (index, value))
+        cancelled = threading.Event()
 
-        return GenerateItem(meta, ids, params, sink=put, deliver=put)
+        def put(value: GenEvent | BaseException) -> None:
+            try:
+                caller.call_soon_threadsafe(events.put_nowait, (index, value))
+            except RuntimeError:  # the caller's loop is closed: nobody listens, the row can stop
+                cancelled.set()
+
+        return GenerateItem(meta, ids, params, sink=put, deliver=put, cancelled=cancelled)
 
     def _submit(self, items: Sequence[Item]) -> None:
         """A request's rows in one hop: they reach their lane together, so they batch together."""
@@ -177,16 +189,27 @@ class Engine:
     def _enqueue(self, items: Sequence[Item]) -> None:
         for item in items:
             key = _lane_key(item.meta)
+            if isinstance(item, GenerateItem):
+                self._gen_lane(key).queue.put_nowait(item)
+                continue
             lane = self._lanes.get(key)
             if lane is None:
                 lane = self._lanes[key] = Lane(key, self._run_batch, self._model_thread,
                                                self.config.max_batch_size, self.config.max_wait_ms / 1000)
             lane.queue.put_nowait(item)
 
+    def _gen_lane(self, key: Hashable) -> GenLane:
+        lane = self._gen_lanes.get(key)
+        if lane is None:
+            lane = self._gen_lanes[key] = GenLane(key, self._gen_hop, self._model_thread, self.config.max_batch_size,
+                                                  self.config.max_wait_ms / 1000)
+        return lane
+
     def lane_stats(self) -> LaneStats:
-        """The batchers' counters, summed over lanes."""
+        """The batchers' counters, summed over lanes (generation lanes count admissions as batches)."""
         total = LaneStats()
-        for lane in list(self._lanes.values()):
+        lanes: list[Lane | GenLane] = [*self._lanes.values(), *self._gen_lanes.values()]
+        for lane in lanes:
             for name, value in vars(lane.stats).items():
                 setattr(total, name, getattr(total, name) + value)
         return total
@@ -226,11 +249,12 @@ class Engine:
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
     async def _cancel_lanes(self) -> None:
-        tasks = [lane.task for lane in self._lanes.values()]
+        tasks = [lane.task for lane in self._lanes.values()] + [lane.task for lane in self._gen_lanes.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._lanes.clear()
+        self._gen_lanes.clear()
 
     # --- the model thread ---
 
@@ -250,7 +274,7 @@ class Engine:
 
     def _bind(self, items: list[Item]) -> list[Group]:
         """Load what the batch needs (pinned against eviction) and split it into forwards."""
-        pinned = {i.meta.info.storage_key for i in items}
+        pinned = {i.meta.info.storage_key for i in items} | self._generating()
         bound: dict[str, Any] = {}
         groups: dict[Hashable, Group] = {}
         for item in items:
@@ -270,12 +294,7 @@ class Engine:
         return self.cache.full_model(meta.info, pinned)
 
     def _run_group(self, group: Group) -> None:
-        model, extra, embed = group.target()
-        first = group.items[0]
-        if isinstance(first, PredictItem):
-            self._predict(group, model, extra, embed)
-        else:
-            self._generate(group, model, extra, embed)
+        self._predict(group, *group.target())  # generation runs in hops (`_gen_hop`)
 
     def _predict(self, group: Group, model: Any, extra: dict[str, Any], embed: Any) -> None:
         items: list[PredictItem] = group.items  # type: ignore[assignment]
@@ -298,13 +317,90 @@ class Engine:
             group = Group(entry).add(PredictItem(meta, ids, 0, lambda _: None), entry)
             return self._forward(group, *group.target())[1][0]
 
-    def _generate(self, group: Group, model: Any, extra: dict[str, Any], embed: Any) -> None:
-        items: list[GenerateItem] = group.items  # type: ignore[assignment]
-        rows = [generation.GenRow(i.ids, RowDecoder(i.params, i.meta.tok, i.meta.eos_ids, i.sink), name,
-                                  prefix, i.cancelled.is_set)
-                for i, (name, prefix) in zip(items, group.row_adapters, strict=True)]
-        generation.generate(model, rows, pad_id=items[0].meta.pad_id, device=self.device, extra=extra,
-                            embed_model=embed)
+    # --- generation hops (the model thread) ---
+
+    def _gen_hop(self, lane: GenLane, admit: list[GenerateItem]) -> list[GenerateItem]:
+        """Newcomers join their running batch, then every batch of the lane takes a decode step, and
+        more steps while nothing else waits (no newcomer that could join, no other work for the
+        model thread). Returns the newcomers that must wait (their batch cannot take rows mid-way)."""
+        deferred: list[GenerateItem] = []
+        joining: dict[Hashable, list[GenRow]] = {}
+        with torch.inference_mode():
+            pinned = self._generating() | {i.meta.info.storage_key for i in admit}
+            for item in admit:
+                try:
+                    entry = self._load(item.meta, pinned)
+                except Exception as exc:
+                    item.deliver(ModelLoadError(f"Model could not be loaded: {type(exc).__name__}: {exc}"))
+                    continue
+                key = _gen_group(entry)
+                batch = lane.batches.get(key)
+                if batch is not None and batch and not batch.joinable:
+                    deferred.append(item)
+                    continue
+                joining.setdefault(key, []).append(self._gen_row(item, entry))
+            self._step_lane(lane, joining, pinned)
+            deadline = time.monotonic() + MAX_HOP_SECONDS
+            while lane.batches and lane.nothing_to_admit() and not self._model_thread._work_queue.qsize() \
+                    and time.monotonic() < deadline:
+                self._step_lane(lane, {}, pinned)  # nobody else is waiting: skip the round trip
+        return deferred
+
+    def _step_lane(self, lane: GenLane, joining: dict[Hashable, list[GenRow]], pinned: set[str]) -> None:
+        for key in [*lane.batches, *(k for k in joining if k not in lane.batches)]:
+            rows = joining.get(key, [])
+            batch = lane.batches.get(key) or RunningBatch(rows[0].owner.meta.pad_id, self.device)
+            lane.batches[key] = batch
+            self._advance(lane, batch, rows, pinned)
+            if not batch:
+                del lane.batches[key]
+
+    def _advance(self, lane: GenLane, batch: RunningBatch, rows: list[GenRow], pinned: set[str]) -> None:
+        try:
+            target = self._gen_target(batch.rows + rows, pinned)
+            if rows:  # recorded first: a row may finish (and its caller return) during the join
+                joined = batch.rows + rows
+                self.batches.append(BatchRecord(str(lane.key), len(joined),
+                                                len({r.owner.meta.info.storage_key for r in joined})))
+                batch.join(target, rows)
+            batch.step(target)
+        except Exception as exc:
+            err = exc if isinstance(exc, MLError) else ModelLoadError(
+                f"Inference failed: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            for row in [*batch.rows, *rows]:
+                if not row.decoder.done:
+                    row.decoder.cancel()
+                    row.owner.deliver(err)
+            batch.clear()
+
+    @staticmethod
+    def _gen_row(item: GenerateItem, entry: Any) -> GenRow:
+        return GenRow(item.ids, RowDecoder(item.params, item.meta.tok, item.meta.eos_ids, item.sink),
+                      getattr(entry, "name", None), getattr(entry, "prompt", None), item.cancelled.is_set,
+                      owner=item)
+
+    def _gen_target(self, rows: list[GenRow], pinned: set[str]) -> Target:
+        """The module a batch runs on, resolved afresh each step: a model evicted (or reloaded)
+        since the last step comes back from the cache; rows keep their KV cache either way."""
+        metas = {r.owner.meta.info.storage_key: r.owner.meta for r in rows}
+        entries = [self._load(meta, pinned) for meta in metas.values()]
+        entry = entries[0]
+        if not isinstance(entry, AdapterEntry):
+            return Target(entry.model)
+        wrapper = entry.wrapper
+        names = [e.name for e in entries if isinstance(e, AdapterEntry)]
+        if wrapper.active_adapter not in names:
+            wrapper.set_adapter(names[0])  # a task head (modules_to_save) is only used when active
+        if entry.info.is_prompt:
+            base = wrapper.get_base_model()
+            return Target(base, embed_model=base)  # type: ignore[arg-type]
+        return Target(wrapper, mixed=entry.mixable)
+
+    def _generating(self) -> set[str]:
+        """Models with rows in a running batch: pinned against eviction while they decode."""
+        return {row.owner.meta.info.storage_key for lane in list(self._gen_lanes.values())
+                for batch in list(lane.batches.values()) for row in batch.rows}
 
 
 @dataclass
@@ -350,6 +446,16 @@ def _run_forever(loop: asyncio.AbstractEventLoop) -> None:
         loop.run_forever()
     finally:
         loop.close()
+
+
+def _gen_group(entry: AdapterEntry | FullEntry) -> Hashable:
+    """Rows that decode as one batch: all mixable LoRAs of a lane (per-row `adapter_names`), all
+    prompt-tuned adapters (the base with per-row prefixes), else one model."""
+    if isinstance(entry, AdapterEntry) and entry.mixable:
+        return "mixed"
+    if isinstance(entry, AdapterEntry) and entry.info.is_prompt:
+        return "prompt"
+    return entry.info.storage_key
 
 
 def _lane_key(meta: ModelMeta) -> Hashable:
