@@ -35,7 +35,7 @@ FOLLOW_MAX_WAIT = 3600.0
 _sleep = time.sleep  # backoff pause (tests count the reconnect attempts through it)
 ID_COLUMNS = frozenset({"id", "fine_tuned_model", "fine_tuned_model_checkpoint", "base_model"})
 Series = list[tuple[int, float]]
-TRAIN_KEYS = ("step", "epoch", "train_loss", "lr", "learning_rate", "tokens_per_second", "grad_norm", "attempt")
+NOT_EVAL_KEYS = ("step", "attempt")  # an evaluation's metrics event carries valid_loss and these
 
 BaseUrl = Annotated[str, typer.Option(
     "--base-url", envvar=["TUNEHOUSE_BASE_URL", "OPENAI_BASE_URL"], help="tunehouse server URL")]
@@ -833,7 +833,8 @@ class Follower:
             self.progress.update(self.task, loss=f"{data['train_loss']:.4f}")
         if isinstance(data.get("step"), int):
             self.progress.update(self.task, completed=data["step"])
-        evals = {k: v for k, v in data.items() if k not in TRAIN_KEYS}
+        # an evaluation, not a training step (whose keys vary: DPO stats, per-rank throughput)
+        evals = {k: v for k, v in data.items() if k not in NOT_EVAL_KEYS} if "valid_loss" in data else {}
         if evals:
             shown = ", ".join(f"{k}={_num(v) or v}" for k, v in evals.items())
             self.console.print(f"[cyan]eval[/] step {data.get('step')}: {shown}")

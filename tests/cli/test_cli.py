@@ -129,7 +129,8 @@ def _simulate_training(factory: sessionmaker[Session], job_id: str, steps: int =
     for step in range(1, steps + 1):
         with factory() as s:
             add_event(s, job_id, f"Step {step}", type="metrics",
-                      data={"step": step, "train_loss": 3.0 / step, "tokens_per_second": 500.0})
+                      data={"step": step, "train_loss": 3.0 / step, "tokens_per_second": 500.0, "attempt": 1,
+                            "rank0_tokens_per_second": 250.0, "reward_margin": 0.1})
             if step == steps:
                 add_event(s, job_id, f"Step {step}", type="metrics", data={"step": step, "valid_loss": 0.9})
             s.execute(update(Job).where(Job.id == job_id).values(
@@ -158,6 +159,7 @@ def test_jobs_follow_live_then_checkpoints_and_plot(cli: Cli, chat_file: Path, t
     worker.join()
     assert "Fine-tuning job started" in out
     assert "eval step 6: valid_loss=0.9" in out
+    assert "rank0_tokens_per_second" not in out and "reward_margin" not in out  # training steps are not evals
     assert f"Job {job_id} succeeded" in out
     assert f"Fine-tuned model: ft:tiny-lm:cli-tests:demo:{job_id}" in out
     assert "step 6/6" in out

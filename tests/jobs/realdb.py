@@ -4,14 +4,18 @@ the committed database (use with the `committed_db` fixture), uploads and a trai
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
+import psutil
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth.service import create_api_key, get_or_create_project
 from app.jobs.runner import run_job
 from app.main import create_app
+from app.orm import Checkpoint
 from tests.e2e.data import chat_rows
 
 
@@ -60,3 +64,20 @@ def create_group_job(client: TestClient, resources: dict[str, Any], **extra: Any
 def events_oldest_first(client: TestClient, job_id: str) -> list[dict[str, Any]]:
     data = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
     return list(reversed(data))
+
+
+def kill_rank_one_after_first_checkpoint(factory: sessionmaker[Session], job_id: str, deadline: float) -> int:
+    """SIGKILL the training process of global rank 1 once the job has a checkpoint (a lost device, or a
+    lost machine in a gang); its pid."""
+    while time.monotonic() < deadline:
+        with factory() as s:
+            saved = s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id))
+        ranks = [p for p in psutil.process_iter(["cmdline", "environ"])
+                 if "ml.training.launch" in " ".join(p.info["cmdline"] or [])
+                 and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])
+                 and (p.info["environ"] or {}).get("RANK") == "1"]
+        if saved and ranks:
+            ranks[0].kill()
+            return int(ranks[0].pid)
+        time.sleep(0.1)
+    raise TimeoutError("no checkpoint or no rank 1 to kill")

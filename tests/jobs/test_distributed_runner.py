@@ -8,15 +8,17 @@ import threading
 import time
 from typing import Any
 
-import psutil
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs.runner import run_job
-from app.orm import Checkpoint
-from tests.jobs.realdb import committed_clients, create_group_job, events_oldest_first
+from tests.jobs.realdb import (
+    committed_clients,
+    create_group_job,
+    events_oldest_first,
+    kill_rank_one_after_first_checkpoint,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 DEADLINE_S = 300
@@ -53,19 +55,7 @@ def test_a_two_process_job_runs_through_the_worker(client: TestClient) -> None:
 
 
 def _kill_a_rank_after_first_checkpoint(factory: sessionmaker[Session], job_id: str, killed: list[int]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        with factory() as s:
-            saved = s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id))
-        ranks = [p for p in psutil.process_iter(["cmdline", "environ"])
-                 if "ml.training.launch" in " ".join(p.info["cmdline"] or [])
-                 and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])
-                 and (p.info["environ"] or {}).get("RANK") == "1"]
-        if saved and ranks:
-            ranks[0].kill()  # SIGKILL
-            killed.append(ranks[0].pid)
-            return
-        time.sleep(0.1)
+    killed.append(kill_rank_one_after_first_checkpoint(factory, job_id, time.monotonic() + DEADLINE_S))
 
 
 def test_a_killed_rank_requeues_the_attempt_which_resumes(client: TestClient,

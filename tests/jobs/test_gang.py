@@ -14,7 +14,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
-import psutil
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
@@ -25,10 +24,15 @@ from app.jobs.gang import open_gang, take_seat, wait_for_followers
 from app.jobs.lease import Heartbeat, claim
 from app.jobs.runner import run_next
 from app.kit.db import utcnow
-from app.orm import Checkpoint, GangSeat, Job
+from app.orm import GangSeat, Job
 from app.settings import get_settings
 from tests.conftest import USING_REDIS
-from tests.jobs.realdb import committed_clients, create_group_job, events_oldest_first
+from tests.jobs.realdb import (
+    committed_clients,
+    create_group_job,
+    events_oldest_first,
+    kill_rank_one_after_first_checkpoint,
+)
 from tests.jobs.worker_factories import committed_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread", "empty_training_queue"),
@@ -112,28 +116,12 @@ def _start_gang(client: TestClient, committed_db: sessionmaker[Session], tmp_pat
     return leader, Worker("node-b", tmp_path / "b.log")
 
 
-def _kill_node_b_after_first_checkpoint(factory: sessionmaker[Session], job_id: str, deadline: float) -> int:
-    """SIGKILL the follower's training process (global rank 1), as if its machine went away."""
-    while time.monotonic() < deadline:
-        with factory() as s:
-            saved = s.scalar(select(Checkpoint.id).where(Checkpoint.job_id == job_id))
-        ranks = [p for p in psutil.process_iter(["cmdline", "environ"])
-                 if "ml.training.launch" in " ".join(p.info["cmdline"] or [])
-                 and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])
-                 and (p.info["environ"] or {}).get("RANK") == "1"]
-        if saved and ranks:
-            ranks[0].kill()
-            return int(ranks[0].pid)
-        time.sleep(0.1)
-    raise TimeoutError("no checkpoint or no rank 1 to kill")
-
-
 def test_a_lost_node_requeues_the_attempt(client: TestClient, committed_db: sessionmaker[Session],
                                           tmp_path: Path) -> None:
     job_id = _create(client, checkpoint_every_steps=1, hyperparameters={"n_epochs": 6, "batch_size": 4})
     deadline = time.monotonic() + DEADLINE_S
     leader, follower = _start_gang(client, committed_db, tmp_path, job_id, deadline)
-    _kill_node_b_after_first_checkpoint(committed_db, job_id, deadline)
+    kill_rank_one_after_first_checkpoint(committed_db, job_id, deadline)  # node b, as if its machine went away
     assert leader.result(deadline) == "queued", leader.log.read_text()[-4000:]
     assert follower.result(deadline) == "follower_failed", follower.log.read_text()[-4000:]
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
