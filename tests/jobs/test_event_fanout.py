@@ -18,11 +18,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.jobs import stream
 from app.jobs.events import add_event
-from app.kit import ids
 from app.kit.db import get_engine
 from app.main import create_app
-from app.orm import File, Job, Project
-from tests.jobs.factories import seed_key_and_job
+from app.orm import Job, Project
+from tests.jobs.factories import add_job, seed_key_and_job
 from tests.kit.test_concurrency import live_server
 
 DEADLINE_S = 120.0  # for a stuck stream, not a latency bound
@@ -172,17 +171,7 @@ def test_stream_of_a_finished_job_and_resume(app: FastAPI, client: TestClient, o
                                              project_client: tuple[TestClient, Project], db: Session) -> None:
     """Through TestClient: the history, then `end`; Last-Event-ID resumes after it; other projects 404."""
     _, project = project_client
-    file = File(id=ids.file_id(), project_id=project.id, purpose="fine-tune", filename="t.jsonl",
-                storage_key="files/none")
-    db.add(file)
-    db.flush()
-    job = Job(id=ids.job_id(), project_id=project.id, model="minilm-l6", training_file=file.id, seed=0,
-              task="classification", training_type={"type": "lora"}, hyperparameters={},
-              config={"base_model": "minilm-l6"}, status="succeeded", suffix="t")
-    db.add(job)
-    db.flush()
-    for i in range(5):
-        add_event(db, job.id, f"event {i}")
+    job = add_job(db, project, "succeeded", events=5)
     db.commit()
     url = f"/v1/fine_tuning/jobs/{job.id}/events"
     with client.stream("GET", url, headers={"Accept": "text/event-stream"}) as r:
