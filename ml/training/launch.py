@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+import traceback
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pydantic import BaseModel
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:
     from ml.training.recipe import TrainingRecipe
 
 FINAL_DIR = "final"  # under the workdir: the consolidated weights of a completed run
+PEER_GRACE_S = 30.0  # how long a failed rank waits for rank 0 to report before it exits
 
 
 class LaunchSpec(BaseModel):
@@ -190,13 +193,49 @@ def run(spec: LaunchSpec) -> int:
         dist.destroy_process_group()
 
 
+def _await_last_line(events: Path, deadline_s: float = PEER_GRACE_S) -> None:
+    """Waits (bounded) until rank 0 has written its error or outcome line. A rank that fails exits at
+    once otherwise, and torchrun then stops rank 0 before it reports the same error: a user's mistake
+    would come back as a crash and be retried."""
+    end, offset, tail = time.monotonic() + deadline_s, 0, b""
+    while time.monotonic() < end:
+        if events.exists():
+            with events.open("rb") as fh:
+                fh.seek(offset)
+                tail += fh.read()
+                offset = fh.tell()
+            *complete, tail = tail.split(b"\n")
+            if any(json.loads(line).get("kind") in ("error", "outcome") for line in complete if line):
+                return
+        time.sleep(0.05)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         print("usage: python -m ml.training.launch SPEC.json", file=sys.stderr)
         return 2
-    return run(LaunchSpec.model_validate_json(Path(args[0]).read_text()))
+    spec = LaunchSpec.model_validate_json(Path(args[0]).read_text())
+    try:
+        rc = run(spec)
+    except Exception:  # the traceback is the group log's record of what went wrong
+        traceback.print_exc()
+        rc = 1
+    # Rank 0's node only: a gang follower's ranks have no channel to wait on.
+    if rc and os.environ.get("RANK", "0") != "0" and os.environ.get("GROUP_RANK", "0") == "0":
+        _await_last_line(Path(spec.events))
+    return rc
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Ends the rank without interpreter finalization. Objects that outlive `destroy_process_group` (a
+    DTensor's device mesh, gloo work) are otherwise torn down with the interpreter, where a gloo thread
+    still joinable aborts the rank ("terminate called without an active exception", SIGABRT) after a
+    clean run; torchrun then reports the group failed. Every file this rank wrote is already closed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

@@ -106,6 +106,38 @@ def test_internal_calls_need_the_shared_token(remote: str) -> None:
     assert httpx.get(f"{remote}/healthz").status_code == 200  # the container healthcheck needs no token
 
 
+def test_the_predictions_fast_path_answers_like_the_routes(remote: str, engine: Engine, arts: Artifacts) -> None:
+    """`POST /internal/v1/predictions` skips FastAPI's stack (`FastPredictions`): the engine's own results,
+    and the OpenAI error shape for a body that is not JSON, a forwarded request the models refuse, the
+    library's input errors and the worker's own checks."""
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    url = f"{remote}/internal/v1/predictions"
+    ref = {"name": "ft:cls", "storage_key": arts.cls_a, "task": "classification"}
+    ok = httpx.post(url, headers=auth, json={"ref": ref, "request": {"model": "ft:cls", "input": ["good", "bad"]}})
+    assert ok.status_code == 200 and ok.headers["content-type"] == "application/json"
+    data = ok.json()
+    assert data["model"] == "ft:cls" and [d["index"] for d in data["data"]] == [0, 1]
+    assert all(d["label"] in LABELS for d in data["data"]) and data["usage"]["prompt_tokens"] > 0
+
+    def error(body: bytes | dict[str, object]) -> tuple[int, dict[str, object]]:
+        r = httpx.post(url, headers=auth, **({"content": body} if isinstance(body, bytes) else {"json": body}))
+        return r.status_code, r.json()["error"]
+
+    status, err = error(b"{not json")
+    assert status == 400 and err["type"] == "invalid_request_error" and "forwarded request" in str(err["message"])
+    status, err = error({"ref": ref, "request": {"model": "ft:cls", "input": []}})
+    assert (status, err["param"]) == (400, "input")
+    status, err = error({"ref": ref, "request": {"model": "ft:cls", "input": "x", "top_k": "many"}})
+    assert status == 400 and err["type"] == "invalid_request_error"
+    status, err = error({"ref": ref | {"task": "causal_lm"}, "request": {"model": "ft:cls", "input": "x"}})
+    assert status == 400 and err["code"] == "unsupported_task"
+    long = {"ref": ref, "request": {"model": "ft:cls", "input": "word " * 5000}}
+    status, err = error(long)
+    assert (status, err["code"]) == (400, "input_too_long")
+    assert httpx.post(url, headers=auth, json={"ref": ref}).status_code == 400  # no request at all
+    assert httpx.get(url, headers=auth).status_code == 405  # other methods fall through to the routes
+
+
 def test_a_worker_without_a_token_refuses_everything(engine: Engine) -> None:
     app = inference_server.create_app(engine, internal_token="")
     with TestClient(app) as c:
