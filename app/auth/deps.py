@@ -12,7 +12,7 @@ from app.auth.service import hash_key, project_for_key
 from app.kit import hotcache
 from app.kit.deps import DB, run_db
 from app.kit.errors import AuthenticationError
-from app.kit.hotcache import HotCache
+from app.kit.hotcache import HotCache, SingleFlight
 from app.kit.openapi import ApiKeyAuth
 from app.orm import Project
 from app.tenancy.ratelimit import enforce_rate_limit, rpm_limit
@@ -49,9 +49,10 @@ async def get_detached_project(request: Request, _: ApiKeyAuth) -> Project:
     answered from `KEYS` (see `app.kit.hotcache`) without the database or a thread: one async Redis
     read for the generation (plus the rate limit's, in a thread, when the project has one)."""
     token = bearer_token(request)  # a missing key is a 401 without touching the database
-    columns = KEYS.get(hash_key(token), await serving_generation(request))
+    hashed, gen = hash_key(token), await serving_generation(request)
+    columns = KEYS.get(hashed, gen)
     if columns is None:
-        return await run_db(request, _authenticate_and_cache, request, token)
+        columns = await KEY_LOOKUPS.run(hashed, lambda: run_db(request, _lookup_and_cache, token, gen))
     project = Project(**columns)
     make_transient_to_detached(project)  # a fresh instance per request, like one loaded and detached
     if rpm_limit(project) > 0:
@@ -60,6 +61,7 @@ async def get_detached_project(request: Request, _: ApiKeyAuth) -> Project:
 
 
 KEYS: HotCache[str, dict[str, Any]] = HotCache()  # sha256 of the key -> the project's columns
+KEY_LOOKUPS: SingleFlight[str, dict[str, Any]] = SingleFlight()
 
 
 async def serving_generation(request: Request) -> tuple[str, float] | None:
@@ -70,11 +72,15 @@ async def serving_generation(request: Request) -> tuple[str, float] | None:
     return gen
 
 
-def _authenticate_and_cache(db: Session, request: Request, token: str) -> Project:
-    gen = request.state.serving_generation  # read before the database: see app.kit.hotcache
-    project = authenticate(db, request)
-    KEYS.put(hash_key(token), gen, {c.key: getattr(project, c.key) for c in Project.__table__.columns})
-    return project
+def _lookup_and_cache(db: Session, token: str, gen: tuple[str, float] | None) -> dict[str, Any]:
+    """The key's project columns, cached under `gen` (read before the database: see app.kit.hotcache).
+    The rate limit is the caller's: each request counts, whichever of them looked the key up."""
+    project = project_for_key(db, token)
+    if project is None:
+        raise AuthenticationError("Incorrect API key provided.")
+    columns = {c.key: getattr(project, c.key) for c in Project.__table__.columns}
+    KEYS.put(hash_key(token), gen, columns)
+    return columns
 
 
 CurrentProject = Annotated[Project, Depends(get_project, scope="function")]

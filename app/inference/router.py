@@ -24,7 +24,7 @@ from app.inference.schemas import (
 )
 from app.inference.service import Inference, check_task
 from app.kit.deps import run_db, session_factory
-from app.kit.hotcache import HotCache
+from app.kit.hotcache import HotCache, SingleFlight
 from app.settings import get_settings
 from app.tenancy.service import served, served_stream  # in memory: written in batches
 from ml.inference.types import GENERATIVE_TASKS, PREDICTIVE_TASKS, ModelRef
@@ -89,7 +89,8 @@ async def _resolve(request: Request, inference: Inference, project_id: str, mode
     gen = await serving_generation(request)  # read by the auth dependency already
     ref = MODELS.get((project_id, model), gen)
     if ref is None:
-        ref = await _resolve_uncached(request, inference, project_id, model)
+        ref = await RESOLVING.run((project_id, model), lambda: _resolve_uncached(request, inference, project_id,
+                                                                                 model))
         MODELS.put((project_id, model), gen, ref)
     check_base(ref, tasks, get_settings().serve_base_models)
     check_task(ref.name, ref.task, tasks, endpoint)
@@ -97,6 +98,7 @@ async def _resolve(request: Request, inference: Inference, project_id: str, mode
 
 
 MODELS: HotCache[tuple[str, str], ModelRef] = HotCache()  # (project id, model) -> its resolution
+RESOLVING: SingleFlight[tuple[str, str], ModelRef] = SingleFlight()
 
 
 async def _resolve_uncached(request: Request, inference: Inference, project_id: str, model: str) -> ModelRef:
