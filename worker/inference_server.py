@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -30,7 +30,6 @@ from app.inference.schemas import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
-    PredictionList,
     PredictionRequest,
 )
 from app.kit.errors import AuthenticationError, InvalidRequest, as_tunehouse_error, install_error_handlers
@@ -61,8 +60,8 @@ class FastPredictions:
     """`POST /internal/v1/predictions`, the hot path of classifier serving, as a plain ASGI handler in
     front of FastAPI. Its stack (middleware, routing, dependencies, body validation) cost this process's
     event loop more than the call's own work, and that loop shares the GIL with the model thread: at 32
-    clients the API reached 0.70x of the in-process engine. Same token check, same body models, same
-    answer and error shapes as the route it shadows (which stays, for the OpenAPI document)."""
+    clients the API reached 0.70x of the in-process engine. The same token check, body models and
+    error shape as the routes behind it."""
 
     def __init__(self, app: ASGIApp, state: Any) -> None:
         self.app, self.state = app, state
@@ -81,7 +80,7 @@ class FastPredictions:
         try:
             authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), "")
             check_token(self.state.internal_token, authorization)
-            body = _parse_json(ForwardRequest, await _body(receive))
+            body = _parse(ForwardRequest, await _body(receive))
             svc: LocalInference = self.state.inference
             result = await svc.predictions(body.ref, _parse(PredictionRequest, body.request))
             return 200, result.model_dump_json().encode(), {}
@@ -122,26 +121,15 @@ def create_app(engine: Engine | None = None, internal_token: str | None = None) 
     return app
 
 
-def _parse(model: type[M], data: dict[str, Any]) -> M:
+def _parse(model: type[M], data: dict[str, Any] | bytes) -> M:
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise InvalidRequest(f"Invalid forwarded request: {exc.errors()[0].get('msg')}") from exc
-
-
-def _parse_json(model: type[M], raw: bytes) -> M:
-    try:
-        return model.model_validate_json(raw)
+        return model.model_validate_json(data) if isinstance(data, bytes) else model.model_validate(data)
     except ValidationError as exc:
         raise InvalidRequest(f"Invalid forwarded request: {exc.errors()[0].get('msg')}") from exc
 
 
 def _svc(request: Request) -> LocalInference:
     return request.app.state.inference  # type: ignore[no-any-return]
-
-
-def _json(result: BaseModel) -> Response:
-    return Response(result.model_dump_json(), media_type="application/json")
 
 
 def _sse(stream: AsyncIterator[str]) -> StreamingResponse:
@@ -176,11 +164,6 @@ def _internal_routes(router: APIRouter) -> None:
         if req.stream:
             return _sse(await _svc(request).open_completion_stream(body.ref, req))
         return await _svc(request).completion(body.ref, req)
-
-    @router.post("/predictions", response_model=PredictionList)
-    async def predictions(body: ForwardRequest, request: Request) -> Response:
-        result = await _svc(request).predictions(body.ref, _parse(PredictionRequest, body.request))
-        return _json(result)  # one serialization pass (FastAPI's would validate it again first)
 
     @router.post("/evict")
     async def evict(body: EvictRequest, request: Request) -> dict[str, str]:

@@ -135,7 +135,7 @@ def test_the_predictions_fast_path_answers_like_the_routes(remote: str, engine: 
     status, err = error(long)
     assert (status, err["code"]) == (400, "input_too_long")
     assert httpx.post(url, headers=auth, json={"ref": ref}).status_code == 400  # no request at all
-    assert httpx.get(url, headers=auth).status_code == 405  # other methods fall through to the routes
+    assert httpx.get(url, headers=auth).status_code == 404  # other methods fall through to the routes
 
 
 def test_a_worker_without_a_token_refuses_everything(engine: Engine) -> None:
